@@ -1,0 +1,46 @@
+"""Image grids with each image's KLDB and class probabilities written under it (PIL only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+
+
+def caption_lines(kldb: float | None, probabilities: Sequence[float], names: Sequence[str], top: int = 3) -> list[str]:
+    """``KLDB 0.12`` then the ``top`` most probable classes as ``name 0.48``."""
+    lines = [f"KLDB {kldb:.3f}"] if kldb is not None else []
+    order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:top]
+    lines += [f"{names[i]} {probabilities[i]:.2f}" for i in order]
+    return lines
+
+
+def captioned_grid(
+    rows: Sequence[tuple[str, Sequence[PIL.Image.Image], Sequence[Sequence[str]]]],
+    cell: int = 96,
+    pad: int = 6,
+) -> PIL.Image.Image:
+    """A grid: one row per ``(title, images, captions)``, each image scaled to ``cell`` px with its caption below."""
+    font = PIL.ImageFont.load_default()
+    line_height = 12
+    max_lines = max((len(c) for _, _, caps in rows for c in caps), default=0)
+    title_height = line_height + pad
+    cell_height = cell + max_lines * line_height + pad
+    columns = max(len(images) for _, images, _ in rows)
+    width = pad + columns * (cell + pad)
+    height = sum(title_height + cell_height for _ in rows) + pad
+    canvas = PIL.Image.new("RGB", (max(width, 200), height), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    y = pad
+    for title, images, captions in rows:
+        draw.text((pad, y), title, fill="black", font=font)
+        y += title_height
+        for col, (image, lines) in enumerate(zip(images, captions)):
+            x = pad + col * (cell + pad)
+            canvas.paste(image.convert("RGB").resize((cell, cell), PIL.Image.NEAREST), (x, y))
+            for k, line in enumerate(lines):
+                draw.text((x, y + cell + 2 + k * line_height), line, fill="black", font=font)
+        y += cell_height
+    return canvas

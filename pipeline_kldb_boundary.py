@@ -1,0 +1,1037 @@
+# Copyright 2026 The kldb-boundary developers. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""KLDB-guided latent diffusion: images on a classifier's decision boundary for any class subset.
+
+Implements "Stress-testing the decision boundary of image classifiers with latent diffusion" (KLDB guidance):
+Stable Diffusion sampled with the deterministic k-LMS scheduler, classifier-free guidance for the prompt, and every
+``k`` steps a correction of the latent along the normalised gradient of the KL divergence from the uniform
+distribution over the chosen classes to the classifier's softmax.
+
+This file is self-contained on purpose: diffusers loads it alone as a community pipeline
+(``custom_pipeline="kldb_boundary"``). It imports torch, diffusers and transformers; torchvision only lazily.
+"""
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, LMSDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+GRADIENT_MODES = ("unet", "detached")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DiffusionPipeline
+        >>> from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        >>> classifier = AutoModelForImageClassification.from_pretrained("microsoft/resnet-50")
+        >>> processor = AutoImageProcessor.from_pretrained("microsoft/resnet-50")
+        >>> pipe = DiffusionPipeline.from_pretrained(
+        ...     "CompVis/stable-diffusion-v1-4",
+        ...     custom_pipeline="kldb_boundary",
+        ...     classifier=classifier,
+        ...     classifier_processor=processor,
+        ...     torch_dtype=torch.float16,
+        ... ).to("cuda")
+        >>> pipe.set_lms_scheduler(timestep_spacing="trailing", use_karras_sigmas=True)  # Lin et al. (2024)
+        >>> out = pipe(
+        ...     classes=["Chihuahua", "papillon"],  # prompt defaults to "Chihuahua and papillon"
+        ...     kldb_guidance_scale=0.1,
+        ...     num_inference_steps=40,
+        ...     guidance_scale=6.0,
+        ...     guidance_rescale=0.7,
+        ...     negative_prompt="blurry, deformed, low quality, watermark, text, extra limbs, ugly",
+        ...     generator=torch.Generator("cuda").manual_seed(28),
+        ... )
+        >>> out.images[0].save("boundary.png")
+        >>> print(out.kldb, out.probabilities[:, out.classes])
+        ```
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The metric (Equation 1)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_classes(classes: Any, num_classes: int) -> list[int]:
+    """Validate a class-index subset and return it as a list of Python ints.
+
+    Raises:
+        TypeError: if ``classes`` is not a sequence of integers.
+        ValueError: if it is empty, has duplicates, or an index outside ``[0, num_classes)``.
+    """
+    template = "Expected argument `classes` to be a non-empty sequence of distinct ints in [0, {n}) but got {got!r}."
+    if isinstance(classes, (torch.Tensor, np.ndarray)):
+        classes = classes.tolist()
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise TypeError(template.format(n=num_classes, got=classes))
+    indices = []
+    for c in classes:
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+            raise TypeError(template.format(n=num_classes, got=list(classes)))
+        indices.append(int(c))
+    if not indices or len(set(indices)) != len(indices) or any(not 0 <= c < num_classes for c in indices):
+        raise ValueError(template.format(n=num_classes, got=indices))
+    return indices
+
+
+def _check_logits(logits: Any) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"Expected argument `logits` to be a floating-point tensor of shape [B, n] but got {got}.")
+    # float16/bfloat16 logits are scored in float32: the log-probabilities of rare classes need the range
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def kldb_score(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    r"""KL divergence to the decision boundary (KLDB) of the classes ``classes``, per image (Equation 1).
+
+    .. math::
+        \mathrm{KLDB}(x) = \sum_{i \in C} \tfrac{1}{|C|} \log \frac{1/|C|}{p_i(x)}
+                         = -\log|C| - \tfrac{1}{|C|} \sum_{i \in C} \log \mathrm{softmax}(f(x))_i
+
+    Computed from logits with ``log_softmax`` so that it stays finite and differentiable when some :math:`p_i`
+    underflows. Natural log; 0 exactly when the classes in :math:`C` share all the probability mass equally.
+
+    Args:
+        logits: ``[B, n]`` classifier logits.
+        classes: the class subset :math:`C`, distinct ints in ``[0, n)``.
+
+    Returns:
+        ``[B]`` KLDB in nats (float32, or float64 for float64 logits).
+
+    Example:
+        >>> import torch
+        >>> kldb_score(torch.tensor([[2.0, 2.0, -1.0], [4.0, 0.0, 0.0]]), [0, 1]).round(decimals=4)
+        tensor([0.0246, 1.3428])
+    """
+    logits = _check_logits(logits)
+    indices = check_classes(classes, logits.shape[-1])
+    log_probs = torch.log_softmax(logits, dim=-1)[:, indices]  # (B, |C|)
+    log_size = torch.log(torch.tensor(float(len(indices)), dtype=logits.dtype, device=logits.device))
+    # mathematically >= 0; clamp only removes float rounding below zero
+    return (-log_size - log_probs.mean(dim=-1)).clamp_min(0.0)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    r"""Shannon entropy of the full softmax, in nats, per image.
+
+    .. math::
+        H(x) = -\sum_{i=1}^{n} p_i \log p_i, \qquad p = \mathrm{softmax}(f(x))
+
+    Args:
+        logits: ``[B, n]`` classifier logits.
+
+    Returns:
+        ``[B]`` entropy in nats.
+
+    Example:
+        >>> import torch
+        >>> entropy(torch.zeros(1, 4)).item() == torch.log(torch.tensor(4.0)).item()
+        True
+    """
+    logits = _check_logits(logits)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    # p log p -> 0 as p -> 0; written with where so that an exact zero (a -inf logit) gives 0, not nan
+    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classifier adapters: images (B, 3, H, W) in [0, 1] -> logits (B, n), differentiable preprocessing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _pair(size: int | Sequence[int] | None, name: str) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, Sequence) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return (int(size[0]), int(size[1]))
+    raise ValueError(f"Expected argument `{name}` to be an int or a (height, width) pair but got {size!r}.")
+
+
+class ImageClassifier(torch.nn.Module):
+    """Adapter giving any image classifier the contract KLDB guidance needs.
+
+    ``forward`` maps images ``(B, 3, H, W)`` with values in ``[0, 1]`` to logits ``(B, n)`` in float32, applying the
+    model's own preprocessing (resize, center crop, normalisation) in torch so that gradients reach the images.
+
+    Args:
+        model: a ``torch.nn.Module`` or callable returning logits, a tuple whose first item is the logits, or an
+            object with a ``logits`` attribute (transformers outputs).
+        resize: ``int`` to resize the shorter edge to that length (torchvision / ``shortest_edge`` semantics), a
+            ``(height, width)`` pair to resize to exactly that size, or ``None`` for no resize.
+        crop: ``(height, width)`` (or ``int``) center crop after the resize, or ``None``.
+        mean, std: per-channel normalisation after resize and crop, or ``None`` for none.
+        labels: class names in index order (used to resolve ``classes`` given by name and to build prompts).
+        interpolation: ``"bilinear"`` or ``"bicubic"`` (antialiased, as torchvision's tensor transforms).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Callable[[torch.Tensor], Any],
+        *,
+        resize: int | Sequence[int] | None = None,
+        crop: int | Sequence[int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        labels: Sequence[str] | None = None,
+        interpolation: str = "bilinear",
+    ):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"Expected argument `model` to be a callable returning logits but got {type(model)}.")
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"Expected argument `interpolation` to be 'bilinear' or 'bicubic' but got {interpolation!r}.")
+        if (mean is None) != (std is None):
+            raise ValueError("Expected arguments `mean` and `std` to be given together but got only one of them.")
+        if std is not None and (len(std) != 3 or len(mean) != 3 or any(s <= 0 for s in std)):
+            raise ValueError(f"Expected `mean` and `std` to hold 3 values with std > 0 but got {mean!r} and {std!r}.")
+        self.model = model
+        self.resize = resize if isinstance(resize, int) or resize is None else _pair(resize, "resize")
+        if isinstance(self.resize, int) and self.resize <= 0:
+            raise ValueError(f"Expected argument `resize` to be positive but got {resize!r}.")
+        self.crop = _pair(crop, "crop")
+        self.interpolation = interpolation
+        self.labels = list(labels) if labels is not None else None
+        if mean is not None:
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        else:
+            self.mean = self.std = None
+        if isinstance(model, torch.nn.Module) and model.training:
+            logger.warning(f"Putting classifier {type(model).__name__} in eval mode (it was in training mode).")
+            model.eval()
+
+    # --- factories ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_torchvision(cls, model: torch.nn.Module, weights: Any) -> "ImageClassifier":
+        """Wrap a torchvision classifier with the preprocessing and label names of its weights enum.
+
+        Example: ``ImageClassifier.from_torchvision(resnet50(weights=w), w)`` with
+        ``w = ResNet50_Weights.IMAGENET1K_V2``.
+        """
+        if not hasattr(weights, "transforms") or not hasattr(weights, "meta"):
+            raise TypeError(
+                f"Expected argument `weights` to be a torchvision weights enum (e.g. ResNet50_Weights.IMAGENET1K_V2) "
+                f"but got {weights!r}."
+            )
+        preset = weights.transforms()
+        interpolation = getattr(getattr(preset, "interpolation", None), "value", "bilinear")
+        resize = list(preset.resize_size)
+        return cls(
+            model,
+            resize=resize[0] if len(resize) == 1 else tuple(resize),
+            crop=tuple(preset.crop_size) if len(preset.crop_size) == 2 else preset.crop_size[0],
+            mean=list(preset.mean),
+            std=list(preset.std),
+            labels=list(weights.meta["categories"]),
+            interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+        )
+
+    @classmethod
+    def from_transformers(cls, model: torch.nn.Module, image_processor: Any = None) -> "ImageClassifier":
+        """Wrap a transformers image-classification model; resize/crop/normalise from its image-processor config.
+
+        ``image_processor`` is the model's ``AutoImageProcessor`` (or its config as a dict). Images given to the
+        adapter are already in ``[0, 1]``, so the processor's ``rescale_factor`` is not applied again.
+        """
+        config = getattr(model, "config", None)
+        id2label = getattr(config, "id2label", None) or {}
+        labels = [id2label[i] for i in sorted(id2label)] if id2label else None
+        if image_processor is None:
+            logger.warning(
+                f"No image processor given for classifier {type(model).__name__}: images are passed at their own "
+                "size without normalisation. Pass `classifier_processor` (its AutoImageProcessor) to match training."
+            )
+            return cls(model, labels=labels)
+        proc = image_processor if isinstance(image_processor, dict) else image_processor.to_dict()
+        size = proc.get("size") or {}
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        resize: int | tuple[int, int] | None = None
+        crop: tuple[int, int] | None = None
+        if proc.get("do_resize", True) and size:
+            if "height" in size and "width" in size:
+                resize = (int(size["height"]), int(size["width"]))
+            elif "shortest_edge" in size:
+                edge = int(size["shortest_edge"])
+                crop_pct = proc.get("crop_pct")
+                if crop_pct is not None and edge < 384:
+                    # ConvNeXt/ResNet processors: resize the short edge to edge / crop_pct, then crop edge x edge
+                    resize, crop = int(edge / crop_pct), (edge, edge)
+                elif crop_pct is not None:
+                    resize = (edge, edge)
+                else:
+                    resize = edge
+        if proc.get("do_center_crop") and proc.get("crop_size"):
+            crop_size = proc["crop_size"]
+            crop = (
+                (int(crop_size["height"]), int(crop_size["width"]))
+                if isinstance(crop_size, dict)
+                else _pair(crop_size, "crop_size")
+            )
+        mean = std = None
+        if proc.get("do_normalize", True) and proc.get("image_mean") is not None:
+            mean, std = list(proc["image_mean"]), list(proc["image_std"])
+            if len(mean) == 1:
+                mean, std = mean * 3, std * 3
+        resample = proc.get("resample", 2)
+        return cls(
+            model,
+            resize=resize,
+            crop=crop,
+            mean=mean,
+            std=std,
+            labels=labels,
+            interpolation="bicubic" if resample == 3 else "bilinear",
+        )
+
+    # --- the contract ------------------------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes, from the labels or the model config; ``None`` when neither says."""
+        if self.labels is not None:
+            return len(self.labels)
+        num_labels = getattr(getattr(self.model, "config", None), "num_labels", None)
+        return int(num_labels) if num_labels is not None else None
+
+    def _param(self) -> torch.Tensor | None:
+        if isinstance(self.model, torch.nn.Module):
+            return next(self.model.parameters(), None)
+        return None
+
+    @property
+    def device(self) -> torch.device | None:
+        param = self._param()
+        return param.device if param is not None else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        param = self._param()
+        return param.dtype if param is not None else None
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize, center crop and normalise ``(B, 3, H, W)`` images in ``[0, 1]``, differentiably."""
+        x = images
+        if self.resize is not None:
+            h, w = x.shape[-2:]
+            if isinstance(self.resize, int):
+                scale = self.resize / min(h, w)
+                size = (self.resize, max(1, int(w * scale))) if h <= w else (max(1, int(h * scale)), self.resize)
+            else:
+                size = self.resize
+            if tuple(size) != (h, w):
+                x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False, antialias=True)
+        if self.crop is not None:
+            h, w = x.shape[-2:]
+            ch, cw = self.crop
+            if ch > h or cw > w:
+                x = F.interpolate(x, size=(max(ch, h), max(cw, w)), mode=self.interpolation, align_corners=False)
+                h, w = x.shape[-2:]
+            top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)
+            x = x[..., top : top + ch, left : left + cw]
+        if self.mean is not None:
+            x = (x - self.mean.to(x)) / self.std.to(x)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device, dtype = self.device, self.dtype
+        x = images.to(device=device or images.device, dtype=dtype or images.dtype)
+        out = self.model(self.preprocess(x))
+        if hasattr(out, "logits"):
+            out = out.logits
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"Expected the classifier to return logits of shape [B, n] but it returned {got}.")
+        return out.float()
+
+
+def _is_transformers_classifier(model: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency of this pipeline
+        return False
+    return isinstance(model, PreTrainedModel) and hasattr(getattr(model, "config", None), "id2label")
+
+
+def as_image_classifier(classifier: Any, image_processor: Any = None) -> ImageClassifier:
+    """Turn what a user passes as ``classifier`` into an :class:`ImageClassifier`.
+
+    Accepts an :class:`ImageClassifier` (returned as is), a transformers image-classification model (preprocessing from
+    ``image_processor``), or any other module/callable mapping ``[0, 1]`` images to logits (no preprocessing). A bare
+    torchvision model is refused: it needs its weights' normalisation, see :meth:`ImageClassifier.from_torchvision`.
+    """
+    if isinstance(classifier, ImageClassifier):
+        return classifier
+    if _is_transformers_classifier(classifier):
+        return ImageClassifier.from_transformers(classifier, image_processor)
+    if type(classifier).__module__.startswith("torchvision.models"):
+        raise TypeError(
+            f"`classifier` is a bare torchvision {type(classifier).__name__}; wrap it as "
+            "`ImageClassifier.from_torchvision(model, weights)` so that its resize, crop and normalisation are applied."
+        )
+    if not callable(classifier):
+        raise TypeError(
+            "Expected argument `classifier` to be an ImageClassifier, a transformers image-classification model or a "
+            f"callable mapping images in [0, 1] to logits, but got {type(classifier).__name__}."
+        )
+    return ImageClassifier(classifier, labels=getattr(classifier, "labels", None))
+
+
+def resolve_classes(classes: Any, labels: Sequence[str] | None, num_classes: int) -> list[int]:
+    """Map ``classes`` (indices, or label names) to validated indices into the classifier's output."""
+    if isinstance(classes, str):
+        classes = [classes]
+    if isinstance(classes, Sequence) and classes and all(isinstance(c, str) for c in classes):
+        if labels is None:
+            raise ValueError(
+                f"`classes` were given by name ({list(classes)!r}) but the classifier has no label names; pass "
+                "indices, or labels through `ImageClassifier(..., labels=...)`."
+            )
+        exact = {name: i for i, name in enumerate(labels)}
+        folded = {name.casefold(): i for i, name in enumerate(labels)}
+        indices = []
+        for name in classes:
+            if name in exact:
+                indices.append(exact[name])
+            elif name.casefold() in folded:
+                indices.append(folded[name.casefold()])
+            else:
+                close = difflib.get_close_matches(name, labels, n=3)
+                hint = f" Close matches: {close}." if close else ""
+                raise ValueError(f"`classes` contains {name!r}, which is not among the classifier's labels.{hint}")
+        classes = indices
+    return check_classes(classes, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The guidance step (Equation 2)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def lms_scale_model_input(z: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """k-LMS input scaling of the UNet, ``z / sqrt(sigma^2 + 1)`` (Karras et al. 2022, Table 1, c_in)."""
+    return z / ((sigma**2 + 1) ** 0.5)
+
+
+@torch.enable_grad()
+def kldb_guidance_gradient(
+    z: torch.Tensor,
+    sigma: float,
+    classes: Sequence[int],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    classify: Callable[[torch.Tensor], torch.Tensor],
+    eps: torch.Tensor | None = None,
+    predict_eps: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the batch-summed KLDB of the predicted clean image with respect to the latent ``z``.
+
+    Follows the authors' code: ``x0 = z - sigma * eps`` (the predicted clean latent), decode, map to ``[0, 1]``,
+    classify, KLDB summed over the batch, gradient with respect to ``z``. ``eps`` given: a detached noise prediction
+    (the gradient reaches ``z`` through ``x0 = z - sigma * eps`` only). ``predict_eps`` given instead: the noise is
+    predicted from ``z`` with gradients on, so the gradient also flows through the UNet.
+
+    Returns:
+        ``(grad, kldb)``: ``grad`` like ``z``; ``kldb`` ``[B]`` of the predicted clean images (detached).
+    """
+    if (eps is None) == (predict_eps is None):
+        raise ValueError("Pass exactly one of `eps` (detached noise prediction) and `predict_eps` (through the UNet).")
+    z = z.detach().requires_grad_(True)
+    eps = predict_eps(z) if eps is None else eps.detach()
+    x0 = z - sigma * eps  # (B, c, h, w) predicted clean latent
+    image = (decode(x0) / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+    loss = kldb_score(classify(image), classes)  # (B,)
+    # a non-finite loss of one image must not poison the others' gradients through the sum
+    total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
+    if not total.requires_grad:  # every loss non-finite, or a classifier cut from the graph
+        return torch.zeros_like(z), loss.detach()
+    (grad,) = torch.autograd.grad(total, z)
+    grad = torch.where(torch.isfinite(loss).view(-1, *[1] * (z.ndim - 1)), grad, torch.full_like(grad, float("nan")))
+    return grad, loss.detach()
+
+
+def normalize_guidance_gradient(grad: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-sample normalised gradient :math:`\nabla^* = \nabla / \lVert\nabla\rVert_2 \cdot \lVert z\rVert_2`.
+
+    Following Sehwag et al. (2022) as the paper does. Samples whose gradient is zero or not finite get a zero update.
+
+    Returns:
+        ``(g_star, ok)``: ``g_star`` like ``grad``; ``ok`` ``[B]`` bool, False where the update is skipped.
+    """
+    grad_norm = grad.detach().flatten(1).float().norm(dim=1)  # (B,)
+    z_norm = z.detach().flatten(1).float().norm(dim=1)  # (B,)
+    ok = torch.isfinite(grad_norm) & (grad_norm > 0) & torch.isfinite(z_norm)
+    scale = torch.where(ok, z_norm / torch.where(ok, grad_norm, torch.ones_like(grad_norm)), torch.zeros_like(z_norm))
+    shape = (-1, *[1] * (grad.ndim - 1))
+    g_star = torch.where(ok.view(shape), grad.float() * scale.view(shape), torch.zeros_like(grad, dtype=torch.float32))
+    return g_star.to(grad.dtype), ok
+
+
+class KLDBGuidanceCallback(PipelineCallback):
+    r"""Step-end callback applying KLDB guidance (Equation 2) around the k-LMS step.
+
+    At a guided step ``s`` (1-based, ``s % interval == 0``) with input latent :math:`z_t` and noise level
+    :math:`\sigma_t`, the paper and the authors' code compute
+
+    .. math::
+        z_{t-1} = \mathrm{LMSStep}(z_t, \epsilon^{\mathrm{CFG}}(z_t)) - \alpha \nabla^*_{z_t} \mathrm{KLDB}(z_t)
+
+    (the sign descends KLDB). For k-LMS with an epsilon model, adding the correction to :math:`z_t` before the step
+    (with the step's noise prediction taken at the uncorrected :math:`z_t`) equals adding it after. This callback
+    therefore runs at the end of step ``s``: it keeps :math:`z_t` from the end of step ``s - 1`` (or the initial
+    noise for ``s = 1``), computes the gradient there with :math:`\sigma_t`, and subtracts :math:`\alpha\nabla^*`
+    from the latent the step produced. In ``"detached"`` mode the step's own conditional noise prediction is reused,
+    so guidance costs one decoder and classifier forward/backward and no extra UNet call.
+
+    Args:
+        classifier: maps images ``(B, 3, H, W)`` in ``[0, 1]`` to logits.
+        classes: validated class indices.
+        guidance_scale: :math:`\alpha`.
+        interval: :math:`k`, guidance at steps ``k, 2k, ...`` (1-based).
+        gradient: ``"unet"`` (the authors' code: gradient through the noise prediction) or ``"detached"``.
+        do_classifier_free_guidance: whether the pipeline batches unconditional and conditional inputs.
+        initial_latents: the noise the first step starts from, before ``init_noise_sigma`` scaling; needed only
+            when step 1 is guided (``interval == 1``).
+    """
+
+    def __init__(
+        self,
+        classifier: Callable[[torch.Tensor], torch.Tensor],
+        classes: Sequence[int],
+        guidance_scale: float = 0.1,
+        interval: int = 5,
+        gradient: str = "unet",
+        do_classifier_free_guidance: bool = True,
+        initial_latents: torch.Tensor | None = None,
+    ):
+        super().__init__(cutoff_step_ratio=1.0)
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"`kldb_gradient` has to be one of {GRADIENT_MODES} but is {gradient!r}.")
+        self.classifier = classifier
+        self.classes = list(classes)
+        self.guidance_scale = float(guidance_scale)
+        self.interval = int(interval)
+        self.gradient = gradient
+        self.do_classifier_free_guidance = do_classifier_free_guidance
+        self.initial_latents = initial_latents
+        self.skipped_updates = 0
+        self.guided_updates = 0
+        self._z_prev: torch.Tensor | None = None
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        eps_name = "noise_pred_text" if self.do_classifier_free_guidance else "noise_pred"
+        return ["latents", "prompt_embeds"] if self.gradient == "unet" else ["latents", eps_name]
+
+    def is_guided(self, step: int) -> bool:
+        """Whether the 1-based step ``step`` is a guided step."""
+        return step % self.interval == 0
+
+    def _predict_eps_fn(self, pipeline: Any, t: Any, prompt_embeds: torch.Tensor, sigma: float):
+        cond = prompt_embeds.chunk(2)[1] if self.do_classifier_free_guidance else prompt_embeds
+
+        def predict_eps(z: torch.Tensor) -> torch.Tensor:
+            return pipeline.unet(
+                lms_scale_model_input(z, sigma).to(pipeline.unet.dtype),
+                t,
+                encoder_hidden_states=cond,
+                cross_attention_kwargs=getattr(pipeline, "cross_attention_kwargs", None),
+                return_dict=False,
+            )[0].to(z.dtype)
+
+        return predict_eps
+
+    def correction(self, pipeline: Any, step_index: int, timestep: Any, z: torch.Tensor, callback_kwargs: dict):
+        """``-alpha * g*`` for the latent ``z`` that step ``step_index`` (0-based) started from."""
+        sigma = float(pipeline.scheduler.sigmas[step_index])
+        vae = pipeline.vae
+
+        def decode(x0: torch.Tensor) -> torch.Tensor:
+            return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+
+        if self.gradient == "detached":
+            eps_name = self.tensor_inputs[1]
+            grad, _ = kldb_guidance_gradient(
+                z, sigma, self.classes, decode, self.classifier, eps=callback_kwargs[eps_name]
+            )
+        else:
+            predict_eps = self._predict_eps_fn(pipeline, timestep, callback_kwargs["prompt_embeds"], sigma)
+            grad, _ = kldb_guidance_gradient(z, sigma, self.classes, decode, self.classifier, predict_eps=predict_eps)
+        g_star, ok = normalize_guidance_gradient(grad, z)
+        return -self.guidance_scale * g_star, ok
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        latents = callback_kwargs["latents"]  # (B, c, h, w), the input of step step_index + 1
+        step = step_index + 1  # 1-based number of the step that just ended
+        if self.is_guided(step):
+            z = self._z_prev
+            if z is None and step_index == 0 and self.initial_latents is not None:
+                z = self.initial_latents.to(latents.device) * pipeline.scheduler.init_noise_sigma
+            if z is None:
+                logger.warning(f"KLDB guidance at step {step} skipped: the latent it starts from is unknown.")
+                self.skipped_updates += latents.shape[0]
+            else:
+                delta, ok = self.correction(pipeline, step_index, timestep, z, callback_kwargs)
+                updated = latents + delta.to(latents.dtype)
+                ok = ok & torch.isfinite(updated.flatten(1)).all(dim=1)
+                latents = torch.where(ok.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
+                self.skipped_updates += int((~ok).sum())
+                self.guided_updates += int(ok.sum())
+                callback_kwargs["latents"] = latents
+        # keep the input of the next step if the next step is guided
+        self._z_prev = latents.detach() if self.is_guided(step + 1) else None
+        return callback_kwargs
+
+
+class _StepEndFunction(PipelineCallback):
+    """A plain ``callback_on_step_end`` function seen as a :class:`PipelineCallback`."""
+
+    def __init__(self, fn: Callable[..., dict], tensor_inputs: list[str]):
+        super().__init__(cutoff_step_ratio=1.0)
+        self.fn = fn
+        self._tensor_inputs = list(tensor_inputs)
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return self._tensor_inputs
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        return self.fn(pipeline, step_index, timestep, callback_kwargs)
+
+
+class _ChainedCallbacks(MultiPipelineCallbacks):
+    """Runs callbacks in order; each sees the tensors the previous ones returned, the rest kept unchanged."""
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return list(dict.fromkeys(super().tensor_inputs))
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        for callback in self.callbacks:
+            returned = callback(pipeline, step_index, timestep, dict(callback_kwargs))
+            callback_kwargs = {**callback_kwargs, **(returned or {})}
+        return callback_kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KLDBBoundaryPipelineOutput(BaseOutput):
+    """Output of :class:`KLDBBoundaryPipeline`.
+
+    Args:
+        images: the generated images (PIL list, ``np.ndarray`` ``(B, H, W, 3)`` or ``torch.Tensor`` ``(B, 3, H, W)``
+            in ``[0, 1]``, by ``output_type``), or latents for ``output_type="latent"``.
+        nsfw_content_detected: per image, whether the safety checker flagged it (``None`` without a checker).
+        kldb: ``[B]`` KLDB of each returned image for ``classes`` (``None`` without classes or classifier).
+        entropy: ``[B]`` Shannon entropy (nats) of the classifier's softmax on each returned image.
+        probabilities: ``[B, n]`` the classifier's softmax on each returned image.
+        predicted_class: ``[B]`` arg-max class index.
+        classes: the class subset, as indices.
+        skipped_updates: per-sample guidance updates skipped because the gradient was zero or not finite.
+        guided_updates: per-sample guidance updates applied.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+    kldb: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    predicted_class: torch.Tensor | None = None
+    classes: list[int] | None = None
+    skipped_updates: int = 0
+    guided_updates: int = 0
+
+
+class KLDBBoundaryPipeline(StableDiffusionPipeline):
+    r"""Stable Diffusion with KLDB classifier guidance toward the decision boundary of a class subset.
+
+    Everything :class:`~diffusers.StableDiffusionPipeline` does, plus an image classifier and, per call, a class
+    subset ``classes``, the guidance strength ``kldb_guidance_scale`` (:math:`\alpha`) and interval
+    ``kldb_guidance_interval`` (:math:`k`). The sampler is the deterministic k-LMS step the method needs.
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder:
+            as in :class:`~diffusers.StableDiffusionPipeline`. A scheduler other than
+            :class:`~diffusers.LMSDiscreteScheduler` is replaced by one built from its config.
+        requires_safety_checker: as in :class:`~diffusers.StableDiffusionPipeline`.
+        classifier: optional default classifier: a transformers image-classification model, an
+            :class:`ImageClassifier`, or a callable mapping ``[0, 1]`` images to logits. Can be given per call.
+        classifier_processor: the transformers image processor of ``classifier``, for its preprocessing.
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "classifier", "classifier_processor"]
+    _exclude_from_cpu_offload = ["safety_checker", "classifier"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred", "noise_pred_text"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: LMSDiscreteScheduler,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+        requires_safety_checker: bool = False,
+        classifier: Any = None,
+        classifier_processor: Any = None,
+    ):
+        if scheduler is not None and not isinstance(scheduler, LMSDiscreteScheduler):
+            logger.info(f"Replacing {type(scheduler).__name__} by LMSDiscreteScheduler: KLDB guidance needs k-LMS.")
+            scheduler = LMSDiscreteScheduler.from_config(scheduler.config)
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.register_modules(classifier=classifier, classifier_processor=classifier_processor)
+
+    def set_lms_scheduler(self, **overrides: Any) -> None:
+        """Rebuild the k-LMS scheduler from its config with ``overrides``.
+
+        The paper follows Lin et al. (2024): ``set_lms_scheduler(timestep_spacing="trailing")``; the authors also used
+        ``use_karras_sigmas=True``. (Zero-terminal-SNR rescaling does not apply to LMS with an epsilon model.)
+        """
+        self.scheduler = LMSDiscreteScheduler.from_config(self.scheduler.config, **overrides)
+
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        """As :meth:`DiffusionPipeline.save_pretrained`; a classifier that is not a transformers model is left out.
+
+        Such a classifier (a torchvision model, an :class:`ImageClassifier`, a plain module) has no portable config;
+        pass it again with ``from_pretrained(..., classifier=...)``.
+        """
+        classifier = self.classifier
+        if classifier is not None and not _is_transformers_classifier(classifier):
+            logger.warning(
+                f"The classifier ({type(classifier).__name__}) is not a transformers model and is not saved; pass it "
+                "again with `from_pretrained(..., classifier=...)`."
+            )
+            self.register_modules(classifier=None)
+            try:
+                super().save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.register_modules(classifier=classifier)
+        else:
+            super().save_pretrained(save_directory, *args, **kwargs)
+
+    # --- inputs ------------------------------------------------------------------------------------------------------
+
+    def check_kldb_inputs(
+        self,
+        kldb_guidance_scale: Any,
+        kldb_guidance_interval: Any,
+        kldb_gradient: Any,
+        num_inference_steps: Any,
+        has_classifier: bool,
+        classes: Any,
+        timesteps: Any = None,
+        sigmas: Any = None,
+    ) -> None:
+        """Check the KLDB arguments and the scheduler, with one clear error each."""
+        if not isinstance(self.scheduler, LMSDiscreteScheduler):
+            raise ValueError(
+                f"KLDB guidance needs the deterministic k-LMS step, but `scheduler` is {type(self.scheduler).__name__}."
+                " Use `pipe.set_lms_scheduler()` or `LMSDiscreteScheduler.from_config(pipe.scheduler.config)`."
+            )
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type != "epsilon":
+            raise ValueError(
+                f"KLDB guidance needs an epsilon-prediction model, but the scheduler's `prediction_type` is "
+                f"{prediction_type!r}."
+            )
+        if isinstance(kldb_guidance_scale, bool) or not isinstance(kldb_guidance_scale, (int, float)):
+            raise TypeError(f"`kldb_guidance_scale` has to be a float but is {type(kldb_guidance_scale).__name__}.")
+        if not math.isfinite(kldb_guidance_scale) or kldb_guidance_scale < 0:
+            raise ValueError(f"`kldb_guidance_scale` has to be finite and >= 0 but is {kldb_guidance_scale}.")
+        if kldb_gradient not in GRADIENT_MODES:
+            raise ValueError(f"`kldb_gradient` has to be one of {GRADIENT_MODES} but is {kldb_gradient!r}.")
+        steps = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"`num_inference_steps` has to be a positive integer but is {steps!r}.")
+        if (
+            isinstance(kldb_guidance_interval, bool)
+            or not isinstance(kldb_guidance_interval, int)
+            or kldb_guidance_interval < 1
+            or (kldb_guidance_scale > 0 and kldb_guidance_interval > steps)
+        ):
+            raise ValueError(
+                f"`kldb_guidance_interval` has to be an integer in [1, num_inference_steps={steps}] but is "
+                f"{kldb_guidance_interval!r}."
+            )
+        if kldb_guidance_scale > 0 and classes is None:
+            raise ValueError("`classes` has to be given when `kldb_guidance_scale` > 0.")
+        if classes is not None and not has_classifier:
+            raise ValueError(
+                "`classes` were given but the pipeline has no classifier: pass `classifier=` to the call, the "
+                "constructor or `from_pretrained`."
+            )
+
+    def _resolve_classifier(self, classifier: Any, device: torch.device) -> ImageClassifier | None:
+        classifier = classifier if classifier is not None else self.classifier
+        if classifier is None:
+            return None
+        adapter = as_image_classifier(classifier, self.classifier_processor)
+        if adapter.device is not None and adapter.device != device:
+            logger.info(f"Moving the classifier from {adapter.device} to the pipeline's device {device}.")
+            adapter.to(device)
+        return adapter
+
+    @torch.no_grad()
+    def _probe_classifier(self, adapter: ImageClassifier, height: int, width: int, device: torch.device) -> int:
+        """One forward pass on a gray image: checks the output width against the labels; returns ``n``."""
+        logits = adapter(torch.full((1, 3, height, width), 0.5, device=device))
+        n = logits.shape[-1]
+        if adapter.labels is not None and len(adapter.labels) != n:
+            raise ValueError(
+                f"The classifier returns {n} logits but has {len(adapter.labels)} labels; they have to match."
+            )
+        rows = logits.double()
+        if n > 1 and bool(((rows >= 0) & (rows <= 1)).all()) and bool(((rows.sum(-1) - 1).abs() < 1e-3).all()):
+            logger.warning(
+                "The classifier's outputs are in [0, 1] and sum to 1: it seems to return probabilities. KLDB needs "
+                "logits (log-probabilities also work); remove the final softmax."
+            )
+        return n
+
+    # --- the call ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 40,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        classes: Sequence[int] | Sequence[str] | None = None,
+        classifier: Any = None,
+        kldb_guidance_scale: float = 0.1,
+        kldb_guidance_interval: int = 5,
+        kldb_gradient: str = "unet",
+        **kwargs: Any,
+    ) -> KLDBBoundaryPipelineOutput | tuple:
+        r"""Generate images pulled toward the decision boundary of ``classes``.
+
+        Takes every argument of :meth:`StableDiffusionPipeline.__call__` (see there), with these differences and
+        additions:
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                Defaults to the class names joined with " and " (the paper's prompt, e.g. "chihuahua and papillon").
+            num_inference_steps (`int`, *optional*, defaults to 40):
+                The paper's T.
+            callback_on_step_end (`Callable` or `PipelineCallback`, *optional*):
+                Runs at every step end before the KLDB guidance, which then corrects the latents it returns.
+            classes (`list[int]` or `list[str]`, *optional*):
+                The class subset C, as indices into the classifier's output or as its label names. Required when
+                `kldb_guidance_scale` > 0.
+            classifier (*optional*, defaults to the pipeline's `classifier`):
+                The classifier for this call (see :func:`as_image_classifier`).
+            kldb_guidance_scale (`float`, *optional*, defaults to 0.1):
+                alpha, the strength of the normalised gradient step; 0 gives prompt-only sampling, identical to
+                `StableDiffusionPipeline`.
+            kldb_guidance_interval (`int`, *optional*, defaults to 5):
+                k: guidance at steps k, 2k, ... (1-based).
+            kldb_gradient (`str`, *optional*, defaults to `"unet"`):
+                `"unet"`: the gradient flows through the noise prediction, as in the authors' code; `"detached"`:
+                the step's own noise prediction is used without its Jacobian (no extra UNet call).
+
+        Returns:
+            [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple
+            `(images, nsfw_content_detected, kldb, entropy, probabilities, predicted_class, skipped_updates)`.
+        """
+        device = self._execution_device
+        adapter = self._resolve_classifier(classifier, device)
+        steps_for_check = num_inference_steps
+        self.check_kldb_inputs(
+            kldb_guidance_scale,
+            kldb_guidance_interval,
+            kldb_gradient,
+            steps_for_check,
+            adapter is not None,
+            classes,
+            timesteps,
+            sigmas,
+        )
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+
+        # 1. Resolve the class subset and, without a prompt, build the paper's "<name> and <name>" prompt
+        class_indices: list[int] | None = None
+        if adapter is not None:
+            num_classes = adapter.num_classes
+            if classes is not None or num_classes is None:
+                num_classes = self._probe_classifier(adapter, height, width, device)
+            if classes is not None:
+                class_indices = resolve_classes(classes, adapter.labels, num_classes)
+        if prompt is None and prompt_embeds is None and class_indices is not None:
+            if adapter.labels is None:
+                raise ValueError("`prompt` was not given and the classifier has no label names to build it from.")
+            prompt = " and ".join(adapter.labels[i] for i in class_indices)
+
+        # 2. Register the guidance as a step-end callback, after the user's own callback
+        callbacks: list[PipelineCallback] = []
+        if callback_on_step_end is not None:
+            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+                callbacks.append(callback_on_step_end)
+            else:
+                callbacks.append(_StepEndFunction(callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]))
+        guidance = None
+        if kldb_guidance_scale > 0:
+            if kldb_gradient == "unet" and (ip_adapter_image is not None or ip_adapter_image_embeds is not None):
+                raise ValueError("`kldb_gradient='unet'` does not support IP-Adapter inputs; use 'detached'.")
+            do_cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+            initial_noise = None
+            if kldb_guidance_interval == 1:  # step 1 is guided: the callback needs the noise it starts from
+                initial_noise = latents
+                if initial_noise is None:
+                    batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+                    shape = (
+                        batch * (num_images_per_prompt or 1),
+                        self.unet.config.in_channels,
+                        int(height) // self.vae_scale_factor,
+                        int(width) // self.vae_scale_factor,
+                    )
+                    dtype = prompt_embeds.dtype if prompt_embeds is not None else self.text_encoder.dtype
+                    initial_noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+                latents = initial_noise
+            guidance = KLDBGuidanceCallback(
+                adapter,
+                class_indices,
+                guidance_scale=kldb_guidance_scale,
+                interval=kldb_guidance_interval,
+                gradient=kldb_gradient,
+                do_classifier_free_guidance=do_cfg,
+                initial_latents=initial_noise,
+            )
+            callbacks.append(guidance)
+        chained = _ChainedCallbacks(callbacks) if callbacks else None
+
+        # 3. Sample with the Stable Diffusion loop; images come back as (B, 3, H, W) in [0, 1]
+        out = super().__call__(
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            output_type="latent" if output_type == "latent" else "pt",
+            return_dict=True,
+            cross_attention_kwargs=cross_attention_kwargs,
+            guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip,
+            callback_on_step_end=chained,
+            callback_on_step_end_tensor_inputs=chained.tensor_inputs if chained is not None else ["latents"],
+            **kwargs,
+        )
+        images, nsfw = out.images, out.nsfw_content_detected
+
+        # 4. Score the returned images
+        kldb = ent = probs = predicted = None
+        if adapter is not None and output_type != "latent":
+            logits = adapter(images)  # (B, n)
+            probs = torch.softmax(logits, dim=-1)
+            ent = entropy(logits)
+            predicted = logits.argmax(dim=-1)
+            kldb = kldb_score(logits, class_indices) if class_indices is not None else None
+        skipped = guidance.skipped_updates if guidance is not None else 0
+        guided = guidance.guided_updates if guidance is not None else 0
+        if skipped:
+            logger.warning(
+                f"KLDB guidance skipped {skipped} of {skipped + guided} per-sample updates (zero or non-finite "
+                "gradient); those samples kept their unguided latents at those steps."
+            )
+
+        # 5. Convert to the requested output type (the same conversion StableDiffusionPipeline applies)
+        if output_type not in ("latent", "pt"):
+            images = self.image_processor.postprocess(
+                images, output_type=output_type, do_denormalize=[False] * images.shape[0]
+            )
+
+        if not return_dict:
+            return (images, nsfw, kldb, ent, probs, predicted, skipped)
+        return KLDBBoundaryPipelineOutput(
+            images=images,
+            nsfw_content_detected=nsfw,
+            kldb=kldb,
+            entropy=ent,
+            probabilities=probs,
+            predicted_class=predicted,
+            classes=class_indices,
+            skipped_updates=skipped,
+            guided_updates=guided,
+        )

@@ -1,0 +1,60 @@
+"""Loading as users do: custom_pipeline by file, by name inside a model folder, and a Hub-style repo folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import gen
+from diffusers import DiffusionPipeline
+
+import pipeline_kldb_boundary
+from kldb import write_pipeline_folder
+
+KWARGS = {"classes": [3, 2], "num_inference_steps": 4, "kldb_guidance_interval": 2, "output_type": "pt"}
+
+
+def run(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(generator=gen(0), **KWARGS)
+
+
+def test_written_folder_layout(tiny_pipe, tmp_path):
+    folder = write_pipeline_folder(tiny_pipe, tmp_path / "repo")
+    names = {p.name for p in folder.iterdir()}
+    assert {"model_index.json", "kldb_boundary.py", "pipeline.py", "unet", "vae", "classifier"} <= names
+    source = Path(pipeline_kldb_boundary.__file__).read_text(encoding="utf-8")
+    assert (folder / "kldb_boundary.py").read_text(encoding="utf-8") == source
+    assert (folder / "pipeline.py").read_text(encoding="utf-8") == source
+    assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_rewriting_a_folder_replaces_it(tiny_pipe, tmp_path):
+    write_pipeline_folder(tiny_pipe, tmp_path / "repo")
+    (tmp_path / "repo" / "stale.txt").write_text("old")
+    write_pipeline_folder(tiny_pipe, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "stale.txt").exists()
+
+
+def test_custom_pipeline_by_name_in_model_folder(tiny_pipe, tmp_path):
+    folder = write_pipeline_folder(tiny_pipe, tmp_path / "repo")
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline="kldb_boundary", trust_remote_code=True)
+    assert type(pipe).__name__ == "KLDBBoundaryPipeline"
+    assert torch.equal(run(pipe).images, tiny_pipe(generator=gen(0), **KWARGS).images)
+
+
+def test_custom_pipeline_as_hub_style_folder(tiny_pipe, tmp_path):
+    folder = write_pipeline_folder(tiny_pipe, tmp_path / "repo")
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    assert type(pipe).__name__ == "KLDBBoundaryPipeline"
+    assert run(pipe).kldb.shape == (1,)
+
+
+def test_custom_pipeline_as_python_file(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "weights")  # weights only, no pipeline file beside them
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path / "weights", custom_pipeline=pipeline_kldb_boundary.__file__, trust_remote_code=True
+    )
+    assert type(pipe).__name__ == "KLDBBoundaryPipeline"
+    assert torch.equal(run(pipe).images, tiny_pipe(generator=gen(0), **KWARGS).images)
