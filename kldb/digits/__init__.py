@@ -1,0 +1,53 @@
+"""The embedded digits world: a small latent diffusion model and classifier trained on scikit-learn's digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kldb.digits.data import LABELS, load_digits_split, split_indices
+
+if TYPE_CHECKING:
+    from pipeline_kldb_boundary import KLDBBoundaryPipeline
+
+WORLD_PATH = Path(__file__).resolve().parent / "world"
+
+__all__ = ["LABELS", "WORLD_PATH", "load_digits_split", "load_pipeline", "split_indices", "world_info"]
+
+
+def world_info(path: str | Path = WORLD_PATH) -> dict[str, Any]:
+    """The ``world_info.json`` of a world folder: seed, script version, training times, quality figures."""
+    import json
+
+    info_path = Path(path) / "world_info.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"No `world_info.json` in {str(path)!r}; train the world with `python -m kldb.digits.train`."
+        )
+    return json.loads(info_path.read_text(encoding="utf-8"))
+
+
+def load_pipeline(
+    path: str | Path = WORLD_PATH,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> KLDBBoundaryPipeline:
+    """Load the digits world (by default the shipped one) as a `KLDBBoundaryPipeline` with its classifier, offline.
+
+    Every module is cast to `torch_dtype` (the UNet is stored in float16) and moved to `device`; further keyword
+    arguments go to `KLDBBoundaryPipeline.from_pretrained`.
+    """
+    from pipeline_kldb_boundary import KLDBBoundaryPipeline
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"No `model_index.json` in {str(folder)!r}; train the world with `python -m kldb.digits.train --out {folder}`."
+        )
+    kwargs.setdefault("local_files_only", True)
+    pipeline = KLDBBoundaryPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
+    pipeline.classifier.to(dtype=torch_dtype)
+    return pipeline.to(device=device, dtype=torch_dtype)
