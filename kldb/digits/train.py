@@ -410,9 +410,10 @@ def noise_schedule() -> DDPMScheduler:
 
 
 def sampling_scheduler() -> LMSDiscreteScheduler:
+    """The k-LMS sampler on the Stable Diffusion v1.4 schedule (with its ``steps_offset`` of 1)."""
     return LMSDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type="epsilon", steps_offset=1,
     )  # fmt: skip
 
 

@@ -1,0 +1,341 @@
+"""Quality figures of a digits world on its held-out test split, written into ``world_info.json`` and ``RESULTS.md``.
+
+Run ``python -m kldb.digits.evaluate`` (about half an hour on 2 CPU cores). It measures the classifier's test
+accuracy and calibration, prompt fidelity per digit at the world's default guidance scale, FID in the classifier's
+penultimate feature space, and the paper's Table 1 on this world (prompt "three and eight", classes {3, 8}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kldb.digits import WORLD_PATH, load_pipeline, world_info
+from kldb.digits.calibration import expected_calibration_error
+from kldb.digits.data import LABELS, load_digits_split
+
+logger = logging.getLogger(__name__)
+
+TABLE_PROMPT = "three and eight"
+TABLE_CLASSES: tuple[int, ...] = (3, 8)
+TABLE_BETAS: tuple[float, ...] = (3.0, 6.0, 9.0)
+TABLE_ALPHAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0)
+FID_TOLERANCE = 0.10
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``[N, d]`` (Heusel et al., 2017), in float64.
+
+    .. math:: \\lVert \\mu_a - \\mu_b \\rVert^2 + \\operatorname{tr}\\left(\\Sigma_a + \\Sigma_b - 2 (\\Sigma_a \\Sigma_b)^{1/2}\\right)
+    """
+    from scipy import linalg
+
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(
+            f"Expected two feature arrays [N, d] with the same d and N >= 2 but got {a.shape} and {b.shape}."
+        )
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(cov_a)) * 1e-6
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    covmean = np.real(covmean)
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+
+
+class ClassifierProbe:
+    """Logits and penultimate (pooled) features of the world's classifier for images ``[B, 3, 32, 32]`` in [0, 1]."""
+
+    def __init__(self, pipeline: Any) -> None:
+        from pipeline_kldb_boundary import as_image_classifier
+
+        self.adapter = as_image_classifier(pipeline.classifier, pipeline.classifier_processor)
+        self.model = pipeline.classifier
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        return torch.cat([self.adapter(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pixel_values = self.adapter.preprocess(images[start : start + batch_size].to(self.adapter.dtype))
+            pooled = self.model.resnet(pixel_values=pixel_values).pooler_output  # (B, C, 1, 1)
+            chunks.append(pooled.flatten(1).double().numpy())
+        return np.concatenate(chunks)
+
+
+def generate(
+    pipeline: Any,
+    prompt: str,
+    num_images: int,
+    seed: int,
+    guidance_scale: float,
+    num_inference_steps: int,
+    batch_size: int,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """Images and scores from fixed initial latents (the same `seed` gives the same latents in every setting)."""
+    latent_size = pipeline.unet.config.sample_size
+    latents = torch.randn(
+        (num_images, pipeline.unet.config.in_channels, latent_size, latent_size),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    outputs: dict[str, list[torch.Tensor]] = {"images": [], "kldb": [], "entropy": [], "predicted_class": []}
+    for start in range(0, num_images, batch_size):
+        chunk = latents[start : start + batch_size]
+        result = pipeline(
+            prompt=[prompt] * len(chunk),
+            latents=chunk,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            output_type="pt",
+            **kwargs,
+        )
+        for key in outputs:
+            value = getattr(result, key)
+            if value is not None:
+                outputs[key].append(value.detach().float().cpu())
+    return {key: torch.cat(value) for key, value in outputs.items() if value}
+
+
+def evaluate_classifier(probe: ClassifierProbe, seed: int) -> dict[str, float]:
+    images, labels = load_digits_split("test", seed)
+    logits = probe.logits(images)
+    return {
+        "test_accuracy": float((logits.argmax(-1) == labels).float().mean()),
+        "test_ece": expected_calibration_error(logits, labels),
+        "test_size": len(labels),
+    }
+
+
+def evaluate_fidelity(
+    pipeline: Any, probe: ClassifierProbe, seed: int, images_per_digit: int, guidance_scale: float, steps: int,
+    batch_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Prompt fidelity per digit (prompt = the digit's name, no KLDB guidance) and FID against the real test split."""
+    per_digit: dict[str, float] = {}
+    generated = []
+    for digit, name in enumerate(tqdm(LABELS, desc="fidelity")):
+        result = generate(
+            pipeline, name, images_per_digit, seed + digit, guidance_scale, steps, batch_size, kldb_guidance_scale=0.0
+        )
+        per_digit[name] = float((result["predicted_class"] == digit).float().mean())
+        generated.append(result["images"])
+        logger.info("fidelity %s: %.3f", name, per_digit[name])
+    real_images, _ = load_digits_split("test", seed)
+    fid = frechet_distance(probe.features(torch.cat(generated)), probe.features(real_images))
+    return {
+        "guidance_scale": guidance_scale,
+        "images_per_digit": images_per_digit,
+        "per_digit": per_digit,
+        "mean": float(np.mean(list(per_digit.values()))),
+        "fid_vs_test": fid,
+    }
+
+
+def evaluate_table(
+    pipeline: Any,
+    probe: ClassifierProbe,
+    seed: int,
+    num_images: int,
+    betas: Sequence[float],
+    alphas: Sequence[float],
+    steps: int,
+    interval: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """The paper's Table 1 on the digits world: median KLDB, entropy and FID per (beta, alpha), same seeds."""
+    real_images, real_labels = load_digits_split("test", seed)
+    in_classes = torch.isin(real_labels, torch.tensor(TABLE_CLASSES))
+    real_features = probe.features(real_images[in_classes])
+    rows = []
+    for beta in betas:
+        for alpha in tqdm(alphas, desc=f"table beta={beta:g}"):
+            started = time.perf_counter()
+            result = generate(
+                pipeline, TABLE_PROMPT, num_images, seed, beta, steps, batch_size, classes=list(TABLE_CLASSES),
+                kldb_guidance_scale=alpha, kldb_guidance_interval=interval,
+            )  # fmt: skip
+            kldb = result["kldb"].double().numpy()
+            predicted = result["predicted_class"]
+            row = {
+                "beta": beta,
+                "alpha": alpha,
+                "median_kldb": float(np.median(kldb)),
+                "kldb_q25": float(np.quantile(kldb, 0.25)),
+                "kldb_q75": float(np.quantile(kldb, 0.75)),
+                "median_entropy": float(np.median(result["entropy"].double().numpy())),
+                "fid": frechet_distance(probe.features(result["images"]), real_features),
+                "fraction_predicted_in_classes": float(
+                    torch.isin(predicted, torch.tensor(TABLE_CLASSES)).float().mean()
+                ),
+                "predicted_mix": {LABELS[c]: int((predicted == c).sum()) for c in range(len(LABELS))},
+                "seconds": time.perf_counter() - started,
+            }
+            rows.append(row)
+            logger.info(
+                "beta %g alpha %g: median KLDB %.4f, median entropy %.4f, FID %.3f (%.0f s)",
+                beta, alpha, row["median_kldb"], row["median_entropy"], row["fid"], row["seconds"],
+            )  # fmt: skip
+    summary = []
+    for beta in betas:
+        baseline = next(row for row in rows if row["beta"] == beta and row["alpha"] == 0.0)
+        guided = [row for row in rows if row["beta"] == beta and row["alpha"] > 0.0]
+        within = [row for row in guided if row["fid"] <= (1.0 + FID_TOLERANCE) * baseline["fid"]]
+        best = min(within or guided, key=lambda row: row["median_kldb"])
+        summary.append(
+            {
+                "beta": beta,
+                "best_alpha": best["alpha"],
+                "best_alpha_within_fid_tolerance": bool(within),
+                "median_kldb_alpha0": baseline["median_kldb"],
+                "median_kldb_best": best["median_kldb"],
+                "kldb_relative_change": best["median_kldb"] / baseline["median_kldb"] - 1.0,
+                "fid_alpha0": baseline["fid"],
+                "fid_best": best["fid"],
+                "fid_relative_change": best["fid"] / baseline["fid"] - 1.0,
+                "median_entropy_alpha0": baseline["median_entropy"],
+                "median_entropy_best": best["median_entropy"],
+            }
+        )
+    return {
+        "prompt": TABLE_PROMPT,
+        "classes": list(TABLE_CLASSES),
+        "images_per_setting": num_images,
+        "num_inference_steps": steps,
+        "kldb_guidance_interval": interval,
+        "real_reference": f"test split images of classes {list(TABLE_CLASSES)} (n={int(in_classes.sum())})",
+        "fid_tolerance": FID_TOLERANCE,
+        "rows": rows,
+        "summary": summary,
+    }
+
+
+def results_markdown(info: dict[str, Any]) -> str:
+    """The quality figures of `world_info.json` as a Markdown report."""
+    evaluation = info["evaluation"]
+    classifier, fidelity, table = evaluation["classifier"], evaluation["fidelity"], evaluation["table"]
+    calibration = info.get("classifier", {})
+    lines = [
+        "# Digits world: quality figures",
+        "",
+        f"Seed {info['seed']}, training script {info['script_version']}, "
+        f"training time {info['training_seconds']['total'] / 60:.1f} min on 2 CPU cores; "
+        f"evaluation time {evaluation['seconds'] / 60:.1f} min. Regenerate with `python -m kldb.digits.evaluate`.",
+        "",
+        "## Classifier (held-out test split)",
+        "",
+        f"- accuracy: {classifier['test_accuracy']:.4f} (n={classifier['test_size']})",
+        f"- expected calibration error (15 bins), test: {calibration.get('test_ece_before', float('nan')):.4f} "
+        f"before temperature scaling, {classifier['test_ece']:.4f} after (T = "
+        f"{calibration.get('temperature', float('nan')):.3f}, fitted on the validation split and baked into the "
+        "final layer)",
+        "",
+        f"## Prompt fidelity (beta = {fidelity['guidance_scale']:g}, {fidelity['images_per_digit']} images per digit)",
+        "",
+        "| " + " | ".join(LABELS) + " | mean |",
+        "|" + "---|" * (len(LABELS) + 1),
+        "| " + " | ".join(f"{fidelity['per_digit'][name]:.2f}" for name in LABELS) + f" | {fidelity['mean']:.3f} |",
+        "",
+        f"FID (classifier penultimate features) of all generated digits against the real test split: "
+        f"{fidelity['fid_vs_test']:.3f}",
+        "",
+        f'## Table 1 on digits: prompt "{table["prompt"]}", classes {table["classes"]}, '
+        f"{table['images_per_setting']} images per setting, {table['num_inference_steps']} LMS steps, "
+        f"interval {table['kldb_guidance_interval']}",
+        "",
+        f"FID against {table['real_reference']}.",
+        "",
+        "| beta | alpha | median KLDB | KLDB IQR | median entropy | FID | in {3, 8} | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table["rows"]:
+        lines.append(
+            f"| {row['beta']:g} | {row['alpha']:g} | {row['median_kldb']:.4f} | "
+            f"[{row['kldb_q25']:.4f}, {row['kldb_q75']:.4f}] | {row['median_entropy']:.4f} | {row['fid']:.3f} | "
+            f"{row['fraction_predicted_in_classes']:.2f} | {row['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Best alpha per beta (lowest median KLDB among alpha > 0 whose FID is at most "
+        f"{100 * table['fid_tolerance']:.0f}% above alpha = 0's, if any):",
+        "",
+        "| beta | best alpha | median KLDB alpha=0 -> best | change | FID alpha=0 -> best | change | "
+        "median entropy alpha=0 -> best |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for item in table["summary"]:
+        lines.append(
+            f"| {item['beta']:g} | {item['best_alpha']:g}{'' if item['best_alpha_within_fid_tolerance'] else ' (*)'} | "
+            f"{item['median_kldb_alpha0']:.4f} -> {item['median_kldb_best']:.4f} | "
+            f"{100 * item['kldb_relative_change']:+.1f}% | {item['fid_alpha0']:.3f} -> {item['fid_best']:.3f} | "
+            f"{100 * item['fid_relative_change']:+.1f}% | "
+            f"{item['median_entropy_alpha0']:.4f} -> {item['median_entropy_best']:.4f} |"
+        )
+    lines += ["", "(*) no alpha > 0 kept the FID within the tolerance; the lowest-KLDB alpha is shown.", ""]
+    return "\n".join(lines)
+
+
+def evaluate_world(
+    path: Path, images_per_setting: int, images_per_digit: int, steps: int, interval: int, batch_size: int,
+    betas: Sequence[float] = TABLE_BETAS, alphas: Sequence[float] = TABLE_ALPHAS,
+) -> dict[str, Any]:  # fmt: skip
+    """Measure every quality figure of the world at `path` and write them into its world_info.json and RESULTS.md."""
+    started = time.perf_counter()
+    info = world_info(path)
+    seed = info["seed"]
+    pipeline = load_pipeline(path)
+    pipeline.set_progress_bar_config(disable=True)
+    probe = ClassifierProbe(pipeline)
+    guidance_scale = info["default_guidance_scale"]
+    evaluation: dict[str, Any] = {"classifier": evaluate_classifier(probe, seed)}
+    logger.info("classifier: %s", evaluation["classifier"])
+    evaluation["fidelity"] = evaluate_fidelity(
+        pipeline, probe, seed, images_per_digit, guidance_scale, steps, batch_size
+    )
+    logger.info("fidelity: mean %.3f, FID %.3f", evaluation["fidelity"]["mean"], evaluation["fidelity"]["fid_vs_test"])
+    evaluation["table"] = evaluate_table(
+        pipeline, probe, seed, images_per_setting, betas, alphas, steps, interval, batch_size
+    )
+    evaluation["seconds"] = time.perf_counter() - started
+    info["evaluation"] = evaluation
+    (path / "world_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (path / "RESULTS.md").write_text(results_markdown(info), encoding="utf-8")
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=Path, default=WORLD_PATH, help="world folder (default: the shipped one)")
+    parser.add_argument("--images-per-setting", type=int, default=256)
+    parser.add_argument("--images-per-digit", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--interval", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    info = evaluate_world(
+        args.world, args.images_per_setting, args.images_per_digit, args.steps, args.interval, args.batch_size
+    )
+    print(results_markdown(info))
+
+
+if __name__ == "__main__":
+    main()
