@@ -333,14 +333,15 @@ class ImageClassifier(torch.nn.Module):
         return None
 
     @property
-    def device(self) -> torch.device | None:
+    def device(self) -> torch.device:
+        """Device of the model's parameters (CPU for a parameter-free callable), as diffusers components have."""
         param = self._param()
-        return param.device if param is not None else None
+        return param.device if param is not None else self.mean.device if self.mean is not None else torch.device("cpu")
 
     @property
-    def dtype(self) -> torch.dtype | None:
+    def dtype(self) -> torch.dtype:
         param = self._param()
-        return param.dtype if param is not None else None
+        return param.dtype if param is not None else torch.float32
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Resize, center crop and normalise ``(B, 3, H, W)`` images in ``[0, 1]``, differentiably."""
@@ -367,8 +368,8 @@ class ImageClassifier(torch.nn.Module):
         return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        device, dtype = self.device, self.dtype
-        x = images.to(device=device or images.device, dtype=dtype or images.dtype)
+        param = self._param()  # a parameter-free callable gets the images where they are
+        x = images if param is None else images.to(device=param.device, dtype=param.dtype)
         out = self.model(self.preprocess(x))
         if hasattr(out, "logits"):
             out = out.logits
@@ -551,19 +552,38 @@ class KLDBGuidanceCallback(PipelineCallback):
         self.skipped_updates = 0
         self.guided_updates = 0
         self._z_prev: torch.Tensor | None = None
+        self._captured: torch.Tensor | None = None
+        self._captured_step: int | None = None
 
     @property
     def tensor_inputs(self) -> list[str]:
-        eps_name = "noise_pred_text" if self.do_classifier_free_guidance else "noise_pred"
-        return ["latents", "prompt_embeds"] if self.gradient == "unet" else ["latents", eps_name]
+        if self.gradient == "unet":
+            return ["latents", "prompt_embeds"]
+        # "noise_pred_text" exists in the sampling loop only while classifier-free guidance is on
+        return ["latents", "noise_pred", *(["noise_pred_text"] if self.do_classifier_free_guidance else [])]
 
     def is_guided(self, step: int) -> bool:
         """Whether the 1-based step ``step`` is a guided step."""
         return step % self.interval == 0
 
-    def _predict_eps_fn(self, pipeline: Any, t: Any, prompt_embeds: torch.Tensor, sigma: float):
-        cond = prompt_embeds.chunk(2)[1] if self.do_classifier_free_guidance else prompt_embeds
+    def capture(self, pipeline: Any, step_index: int, callback_kwargs: dict) -> None:
+        """Keep what the step that just ended used: its conditional noise prediction or text embedding.
 
+        Runs before any user callback (which may change the embeddings or switch classifier-free guidance off, as
+        diffusers' ``SDCFGCutoffCallback`` does) so that the gradient is taken with what the step itself used.
+        """
+        self._captured_step = step_index
+        if not self.is_guided(step_index + 1):
+            self._captured = None
+            return
+        cfg = bool(getattr(pipeline, "do_classifier_free_guidance", self.do_classifier_free_guidance))
+        if self.gradient == "detached":
+            self._captured = callback_kwargs["noise_pred_text"] if cfg else callback_kwargs["noise_pred"]
+        else:
+            embeds = callback_kwargs["prompt_embeds"]
+            self._captured = embeds.chunk(2)[1] if cfg else embeds
+
+    def _predict_eps_fn(self, pipeline: Any, t: Any, cond: torch.Tensor, sigma: float):
         def predict_eps(z: torch.Tensor) -> torch.Tensor:
             return pipeline.unet(
                 lms_scale_model_input(z, sigma).to(pipeline.unet.dtype),
@@ -575,8 +595,8 @@ class KLDBGuidanceCallback(PipelineCallback):
 
         return predict_eps
 
-    def correction(self, pipeline: Any, step_index: int, timestep: Any, z: torch.Tensor, callback_kwargs: dict):
-        """``-alpha * g*`` for the latent ``z`` that step ``step_index`` (0-based) started from."""
+    def correction(self, pipeline: Any, step_index: int, timestep: Any, z: torch.Tensor, captured: torch.Tensor):
+        """``(-alpha * g*, ok)`` for the latent ``z`` that step ``step_index`` (0-based) started from."""
         sigma = float(pipeline.scheduler.sigmas[step_index])
         vae = pipeline.vae
 
@@ -584,17 +604,16 @@ class KLDBGuidanceCallback(PipelineCallback):
             return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
 
         if self.gradient == "detached":
-            eps_name = self.tensor_inputs[1]
-            grad, _ = kldb_guidance_gradient(
-                z, sigma, self.classes, decode, self.classifier, eps=callback_kwargs[eps_name]
-            )
+            grad, _ = kldb_guidance_gradient(z, sigma, self.classes, decode, self.classifier, eps=captured)
         else:
-            predict_eps = self._predict_eps_fn(pipeline, timestep, callback_kwargs["prompt_embeds"], sigma)
+            predict_eps = self._predict_eps_fn(pipeline, timestep, captured, sigma)
             grad, _ = kldb_guidance_gradient(z, sigma, self.classes, decode, self.classifier, predict_eps=predict_eps)
         g_star, ok = normalize_guidance_gradient(grad, z)
         return -self.guidance_scale * g_star, ok
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if getattr(self, "_captured_step", None) != step_index:
+            self.capture(pipeline, step_index, callback_kwargs)
         latents = callback_kwargs["latents"]  # (B, c, h, w), the input of step step_index + 1
         step = step_index + 1  # 1-based number of the step that just ended
         if self.is_guided(step):
@@ -605,16 +624,33 @@ class KLDBGuidanceCallback(PipelineCallback):
                 logger.warning(f"KLDB guidance at step {step} skipped: the latent it starts from is unknown.")
                 self.skipped_updates += latents.shape[0]
             else:
-                delta, ok = self.correction(pipeline, step_index, timestep, z, callback_kwargs)
+                delta, ok = self.correction(pipeline, step_index, timestep, z, self._captured)
                 updated = latents + delta.to(latents.dtype)
                 ok = ok & torch.isfinite(updated.flatten(1)).all(dim=1)
                 latents = torch.where(ok.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
                 self.skipped_updates += int((~ok).sum())
                 self.guided_updates += int(ok.sum())
                 callback_kwargs["latents"] = latents
+        self._captured = None
         # keep the input of the next step if the next step is guided
         self._z_prev = latents.detach() if self.is_guided(step + 1) else None
         return callback_kwargs
+
+
+class _GuidanceCapture(PipelineCallback):
+    """Runs :meth:`KLDBGuidanceCallback.capture` first in a chain, before user callbacks change anything."""
+
+    def __init__(self, guidance: KLDBGuidanceCallback):
+        super().__init__(cutoff_step_ratio=1.0)
+        self.guidance = guidance
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return self.guidance.tensor_inputs
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self.guidance.capture(pipeline, step_index, callback_kwargs)
+        return {}
 
 
 class _StepEndFunction(PipelineCallback):
@@ -730,7 +766,29 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(classifier=classifier, classifier_processor=classifier_processor)
+        self.register_modules(classifier=self._as_component(classifier), classifier_processor=classifier_processor)
+
+    @staticmethod
+    def _as_component(classifier: Any) -> Any:
+        """A transformers classifier is kept as is (it saves and loads); anything else becomes an ImageClassifier."""
+        if classifier is None or _is_transformers_classifier(classifier):
+            return classifier
+        return as_image_classifier(classifier)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "KLDBBoundaryPipeline":
+        """As :meth:`DiffusionPipeline.from_pretrained`; also takes a ``classifier`` that is not a transformers model.
+
+        diffusers checks a passed component against the class saved in ``model_index.json``; a torchvision model, an
+        :class:`ImageClassifier` or a plain module replaces a saved transformers classifier here instead.
+        """
+        classifier = kwargs.get("classifier")
+        if classifier is None or _is_transformers_classifier(classifier):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        kwargs["classifier"] = None
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.register_modules(classifier=cls._as_component(classifier))
+        return pipe
 
     def set_lms_scheduler(self, **overrides: Any) -> None:
         """Rebuild the k-LMS scheduler from its config with ``overrides``.
@@ -817,7 +875,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         if classifier is None:
             return None
         adapter = as_image_classifier(classifier, self.classifier_processor)
-        if adapter.device is not None and adapter.device != device:
+        if adapter._param() is not None and adapter.device != device:
             logger.info(f"Moving the classifier from {adapter.device} to the pipeline's device {device}.")
             adapter.to(device)
         return adapter
@@ -933,18 +991,12 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 raise ValueError("`prompt` was not given and the classifier has no label names to build it from.")
             prompt = " and ".join(adapter.labels[i] for i in class_indices)
 
-        # 2. Register the guidance as a step-end callback, after the user's own callback
-        callbacks: list[PipelineCallback] = []
-        if callback_on_step_end is not None:
-            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-                callbacks.append(callback_on_step_end)
-            else:
-                callbacks.append(_StepEndFunction(callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]))
+        # 2. Register the guidance as a step-end callback around the user's own callback: it captures what the step
+        #    used before the user's callback runs, and corrects the latents that callback returns
         guidance = None
         if kldb_guidance_scale > 0:
             if kldb_gradient == "unet" and (ip_adapter_image is not None or ip_adapter_image_embeds is not None):
                 raise ValueError("`kldb_gradient='unet'` does not support IP-Adapter inputs; use 'detached'.")
-            do_cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
             initial_noise = None
             if kldb_guidance_interval == 1:  # step 1 is guided: the callback needs the noise it starts from
                 initial_noise = latents
@@ -965,9 +1017,15 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 guidance_scale=kldb_guidance_scale,
                 interval=kldb_guidance_interval,
                 gradient=kldb_gradient,
-                do_classifier_free_guidance=do_cfg,
+                do_classifier_free_guidance=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
                 initial_latents=initial_noise,
             )
+        callbacks: list[Any] = [_GuidanceCapture(guidance)] if guidance is not None else []
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callbacks.append(callback_on_step_end)
+        elif callback_on_step_end is not None:
+            callbacks.append(_StepEndFunction(callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]))
+        if guidance is not None:
             callbacks.append(guidance)
         chained = _ChainedCallbacks(callbacks) if callbacks else None
 

@@ -215,6 +215,12 @@ def test_pipeline_callback_objects_compose(tiny_pipe):
         callback_on_step_end=cutoff,
     )  # fmt: skip
     assert torch.isfinite(out.images).all() and out.guided_updates == 3
+    # after the cutoff the guidance uses the conditional-only embeddings the steps use
+    unet_mode = tiny_pipe(
+        classes=[3, 2], num_inference_steps=STEPS, generator=gen(0), output_type="pt", kldb_guidance_interval=2,
+        callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5), kldb_gradient="unet",
+    )  # fmt: skip
+    assert torch.isfinite(unet_mode.images).all() and unet_mode.guided_updates == 3
 
 
 def test_classes_by_name_build_the_paper_prompt(tiny_pipe):
@@ -233,7 +239,9 @@ def test_save_load_round_trip(tiny_pipe, tmp_path):
     kwargs = {"classes": [3, 2], "num_inference_steps": 4, "output_type": "pt", "kldb_guidance_interval": 2}
     a = tiny_pipe(generator=gen(0), **kwargs)
     b = loaded(generator=gen(0), **kwargs)
-    assert torch.equal(a.images, b.images) and torch.equal(a.kldb, b.kldb)
+    # equal up to float rounding: transformers may pick another attention kernel for a loaded text encoder
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.kldb, b.kldb, rtol=1e-4, atol=1e-5)
 
 
 def test_classifier_at_from_pretrained_and_per_call(tiny_pipe, tmp_path):
@@ -241,7 +249,8 @@ def test_classifier_at_from_pretrained_and_per_call(tiny_pipe, tmp_path):
     classifier = MeanBrightnessClassifier()
     loaded = KLDBBoundaryPipeline.from_pretrained(tmp_path, classifier=classifier)
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.classifier is classifier
+    assert isinstance(loaded.classifier, ImageClassifier) and loaded.classifier.model is classifier
+    assert loaded.device.type == "cpu"
     out = loaded(
         classes=["dark", "bright"], prompt="three", num_inference_steps=4, output_type="pt", generator=gen(0),
         kldb_guidance_interval=2,
@@ -260,7 +269,7 @@ def test_non_transformers_classifier_is_not_saved(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         pipe.save_pretrained(tmp_path)
     assert "is not a transformers model and is not saved" in caplog.text
-    assert isinstance(pipe.classifier, MeanBrightnessClassifier)  # restored after saving
+    assert pipe.classifier.model.__class__ is MeanBrightnessClassifier  # restored after saving
     loaded = KLDBBoundaryPipeline.from_pretrained(tmp_path)
     assert loaded.classifier is None
 
