@@ -1,0 +1,154 @@
+"""Build a pipeline or a classifier from a short text spec, so that a command line or a subprocess can name them.
+
+Pipeline specs:
+
+- ``"digits"``: the bundled digits world (:func:`kldb.digits.load_pipeline`), offline;
+- ``"tiny"``: tiny random components (:func:`kldb.testing.tiny_pipeline`), for tests;
+- ``"package.module:function"``: ``function()`` must return a :class:`~pipeline_kldb_boundary.KLDBBoundaryPipeline`;
+- anything else: a local folder or a Hub model id, loaded with ``KLDBBoundaryPipeline.from_pretrained``.
+
+Classifier specs (``None`` keeps the pipeline's own classifier):
+
+- ``"torchvision:<model>:<weights>"``, e.g. ``"torchvision:resnet50:IMAGENET1K_V2"``: a torchvision model with the
+  preprocessing and label names of its weights (:meth:`ImageClassifier.from_torchvision`);
+- ``"package.module:function"``: ``function()`` returns a classifier (see :func:`as_image_classifier`);
+- anything else: a transformers image-classification model folder or Hub id, with its image processor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from typing import Any
+
+import torch
+
+from pipeline_kldb_boundary import ImageClassifier, KLDBBoundaryPipeline, as_image_classifier
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"float16"`` / ``"bfloat16"`` (or a torch dtype) as a torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"Expected argument `dtype` to be one of {list(DTYPES)} but got {dtype!r}.")
+
+
+def _call_factory(spec: str, argument: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"Expected argument `{argument}` to name an importable `module:function` but got {spec!r} ({error})."
+        ) from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(
+            f"Expected argument `{argument}` to name an importable `module:function` but got {spec!r} "
+            f"(module {module_name!r} has no callable {attribute!r})."
+        )
+    return factory()
+
+
+def is_factory_spec(spec: str) -> bool:
+    """Whether ``spec`` has the form ``package.module:function``."""
+    return bool(_FACTORY.match(spec))
+
+
+def load_pipeline(
+    spec: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+) -> KLDBBoundaryPipeline:
+    """Build the :class:`KLDBBoundaryPipeline` named by ``spec`` (see the module docstring), on ``device``."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"Expected argument `pipeline` to be a non-empty string but got {spec!r}.")
+    torch_dtype = parse_dtype(dtype)
+    if spec == "digits":
+        from kldb import digits
+
+        pipe = digits.load_pipeline(torch_dtype=torch_dtype, device=device)
+    elif spec == "tiny":
+        from kldb.testing import tiny_pipeline
+
+        pipe = tiny_pipeline()
+    elif is_factory_spec(spec):
+        pipe = _call_factory(spec, "pipeline")
+        if not isinstance(pipe, KLDBBoundaryPipeline):
+            raise TypeError(
+                f"Expected argument `pipeline` {spec!r} to return a KLDBBoundaryPipeline but it returned "
+                f"{type(pipe).__name__}."
+            )
+    else:
+        pipe = KLDBBoundaryPipeline.from_pretrained(spec, torch_dtype=torch_dtype)
+    if spec != "digits":
+        if pipe.dtype != torch_dtype:
+            pipe = pipe.to(dtype=torch_dtype)
+        pipe = pipe.to(device)
+    if getattr(pipe, "classifier", None) is not None and isinstance(pipe.classifier, torch.nn.Module):
+        pipe.classifier.to(device=device, dtype=torch_dtype)
+    return pipe
+
+
+def load_classifier(spec: str | None, device: str | torch.device = "cpu") -> ImageClassifier | None:
+    """Build the classifier named by ``spec`` as an :class:`ImageClassifier` on ``device``; ``None`` gives ``None``."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"Expected argument `classifier` to be a non-empty string or None but got {spec!r}.")
+    if spec.startswith("torchvision:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise ValueError(
+                f"Expected argument `classifier` to look like 'torchvision:<model>:<weights>' "
+                f"(e.g. 'torchvision:resnet50:IMAGENET1K_V2') but got {spec!r}."
+            )
+        import torchvision.models
+
+        _, name, weights_name = parts
+        try:
+            weights_enum = torchvision.models.get_model_weights(name)
+        except ValueError as error:
+            raise ValueError(
+                f"Expected argument `classifier` to name a torchvision model but got {name!r}."
+            ) from error
+        try:
+            weights = weights_enum[weights_name]
+        except KeyError as error:
+            raise ValueError(
+                f"Expected argument `classifier` to name weights of {name} among "
+                f"{[w.name for w in weights_enum]} but got {weights_name!r}."
+            ) from error
+        model = torchvision.models.get_model(name, weights=weights)
+        adapter = ImageClassifier.from_torchvision(model.eval(), weights)
+    elif is_factory_spec(spec):
+        adapter = as_image_classifier(_call_factory(spec, "classifier"))
+    else:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(spec).eval()
+        processor = AutoImageProcessor.from_pretrained(spec)
+        adapter = ImageClassifier.from_transformers(model, processor)
+    return adapter.to(device)
+
+
+def pipeline_classifier(pipe: KLDBBoundaryPipeline) -> ImageClassifier:
+    """The pipeline's own classifier as an :class:`ImageClassifier` (with its image processor)."""
+    if pipe.classifier is None:
+        raise ValueError("The pipeline has no classifier; give one with `classifier=` (a classifier spec).")
+    return as_image_classifier(pipe.classifier, pipe.classifier_processor)
+
+
+def classifier_labels(classifier: ImageClassifier) -> list[str]:
+    """Label names of ``classifier`` in index order (``"0"``, ``"1"``, ... when it has none)."""
+    if classifier.labels is not None:
+        return list(classifier.labels)
+    if classifier.num_classes is None:
+        raise ValueError("The classifier has neither label names nor a known number of classes.")
+    return [str(i) for i in range(classifier.num_classes)]
