@@ -1,0 +1,67 @@
+"""A small stored sweep run made without a pipeline: known KLDB, entropy and probabilities per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from kldb.io import atomic_write_json, save_png
+from kldb.sweep import CONFIG_NAME, ManifestWriter, Setting, image_relpath, merge_manifests
+from pipeline_kldb_boundary import entropy, kldb_score
+
+LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CLASSES = (3, 8)
+ALPHAS = (0.0, 0.1, 0.5)
+BETAS = (3.0, 6.0)
+
+
+def write_run(out: Path, seeds: int = 6, seed: int = 0) -> list[dict]:
+    """Write a run folder as :func:`kldb.sweep.run_sweep` would, with logits drawn so that larger alpha means
+    logits closer to equal on {3, 8} (lower KLDB); return the records."""
+    rng = np.random.default_rng(seed)
+    atomic_write_json(
+        out / CONFIG_NAME,
+        {"fixed": {"pipeline": "tiny", "classifier": None, "num_inference_steps": 4}, "labels": LABELS},
+    )
+    order = []
+    with ManifestWriter(out / "manifest.rank0.jsonl") as writer:
+        for beta in BETAS:
+            for alpha in ALPHAS:
+                setting = Setting(CLASSES, ("three", "eight"), alpha, beta)
+                for s in range(seeds):
+                    logits = torch.tensor(rng.normal(0.0, 1.0, size=(1, 10)), dtype=torch.float64)
+                    logits[0, 3] += 6.0
+                    logits[0, 8] += 6.0 - 4.0 * (1.0 - alpha) * rng.uniform(0.5, 1.5)
+                    probabilities = torch.softmax(logits, dim=-1)[0]
+                    top = probabilities.topk(5)
+                    pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                    record = {
+                        "setting": setting.name,
+                        "classes": ["three", "eight"],
+                        "class_indices": list(CLASSES),
+                        "alpha": alpha,
+                        "beta": beta,
+                        "seed": s,
+                        "prompt": "three and eight",
+                        "file": image_relpath(setting, s),
+                        "kldb": float(kldb_score(logits, CLASSES)[0]),
+                        "entropy": float(entropy(logits)[0]),
+                        "class_probabilities": [float(probabilities[c]) for c in CLASSES],
+                        "top_classes": [int(i) for i in top.indices],
+                        "top_labels": [LABELS[int(i)] for i in top.indices],
+                        "top_probabilities": [float(p) for p in top.values],
+                        "predicted_class": int(top.indices[0]),
+                        "predicted_label": LABELS[int(top.indices[0])],
+                        "num_classes": 10,
+                    }
+                    path = save_png(out / record["file"], PIL.Image.fromarray(pixels), {"seed": s})
+                    record["bytes"] = path.stat().st_size
+                    writer.append(record)
+                    order.append(setting.key(s))
+    merge_manifests(out, order)
+    from kldb.sweep import read_jsonl
+
+    return read_jsonl(out / "manifest.jsonl")
