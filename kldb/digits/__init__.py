@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ from kldb.digits.data import LABELS, load_digits_split, split_indices
 
 if TYPE_CHECKING:
     from pipeline_kldb_boundary import KLDBBoundaryPipeline
+
+logger = logging.getLogger(__name__)
 
 WORLD_PATH = Path(__file__).resolve().parent / "world"
 
@@ -49,5 +52,8 @@ def load_pipeline(
         )
     kwargs.setdefault("local_files_only", True)
     pipeline = KLDBBoundaryPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
-    pipeline.classifier.to(dtype=torch_dtype)
-    return pipeline.to(device=device, dtype=torch_dtype)
+    for name, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module) and next(module.parameters()).dtype != torch_dtype:
+            logger.info("Casting %s to %s.", name, torch_dtype)
+            module.to(dtype=torch_dtype)
+    return pipeline.to(device)

@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,54 +146,14 @@ def evaluate_fidelity(
     }
 
 
-def evaluate_table(
-    pipeline: Any,
-    probe: ClassifierProbe,
-    seed: int,
-    num_images: int,
-    betas: Sequence[float],
-    alphas: Sequence[float],
-    steps: int,
-    interval: int,
-    batch_size: int,
-) -> dict[str, Any]:
-    """The paper's Table 1 on the digits world: median KLDB, entropy and FID per (beta, alpha), same seeds."""
-    real_images, real_labels = load_digits_split("test", seed)
-    in_classes = torch.isin(real_labels, torch.tensor(TABLE_CLASSES))
-    real_features = probe.features(real_images[in_classes])
-    rows = []
-    for beta in betas:
-        for alpha in tqdm(alphas, desc=f"table beta={beta:g}"):
-            started = time.perf_counter()
-            result = generate(
-                pipeline, TABLE_PROMPT, num_images, seed, beta, steps, batch_size, classes=list(TABLE_CLASSES),
-                kldb_guidance_scale=alpha, kldb_guidance_interval=interval,
-            )  # fmt: skip
-            kldb = result["kldb"].double().numpy()
-            predicted = result["predicted_class"]
-            row = {
-                "beta": beta,
-                "alpha": alpha,
-                "median_kldb": float(np.median(kldb)),
-                "kldb_q25": float(np.quantile(kldb, 0.25)),
-                "kldb_q75": float(np.quantile(kldb, 0.75)),
-                "median_entropy": float(np.median(result["entropy"].double().numpy())),
-                "fid": frechet_distance(probe.features(result["images"]), real_features),
-                "fraction_predicted_in_classes": float(
-                    torch.isin(predicted, torch.tensor(TABLE_CLASSES)).float().mean()
-                ),
-                "predicted_mix": {LABELS[c]: int((predicted == c).sum()) for c in range(len(LABELS))},
-                "seconds": time.perf_counter() - started,
-            }
-            rows.append(row)
-            logger.info(
-                "beta %g alpha %g: median KLDB %.4f, median entropy %.4f, FID %.3f (%.0f s)",
-                beta, alpha, row["median_kldb"], row["median_entropy"], row["fid"], row["seconds"],
-            )  # fmt: skip
+def summarize_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best alpha per beta: the lowest median KLDB among alpha > 0 whose FID is within the tolerance, if any."""
     summary = []
-    for beta in betas:
-        baseline = next(row for row in rows if row["beta"] == beta and row["alpha"] == 0.0)
+    for beta in sorted({row["beta"] for row in rows}):
+        baseline = next((row for row in rows if row["beta"] == beta and row["alpha"] == 0.0), None)
         guided = [row for row in rows if row["beta"] == beta and row["alpha"] > 0.0]
+        if baseline is None or not guided:
+            continue
         within = [row for row in guided if row["fid"] <= (1.0 + FID_TOLERANCE) * baseline["fid"]]
         best = min(within or guided, key=lambda row: row["median_kldb"])
         summary.append(
@@ -211,17 +171,73 @@ def evaluate_table(
                 "median_entropy_best": best["median_entropy"],
             }
         )
-    return {
+    return summary
+
+
+def evaluate_table(
+    pipeline: Any,
+    probe: ClassifierProbe,
+    seed: int,
+    num_images: int,
+    betas: Sequence[float],
+    alphas: Sequence[float],
+    steps: int,
+    interval: int,
+    batch_size: int,
+    kldb_gradient: str,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The paper's Table 1 on the digits world: median KLDB, entropy and FID per (beta, alpha), same seeds.
+
+    `on_row` is called with the table so far after every setting (to save partial results).
+    """
+    real_images, real_labels = load_digits_split("test", seed)
+    in_classes = torch.isin(real_labels, torch.tensor(TABLE_CLASSES))
+    real_features = probe.features(real_images[in_classes])
+    table: dict[str, Any] = {
         "prompt": TABLE_PROMPT,
         "classes": list(TABLE_CLASSES),
         "images_per_setting": num_images,
         "num_inference_steps": steps,
         "kldb_guidance_interval": interval,
+        "kldb_gradient": kldb_gradient,
         "real_reference": f"test split images of classes {list(TABLE_CLASSES)} (n={int(in_classes.sum())})",
         "fid_tolerance": FID_TOLERANCE,
-        "rows": rows,
-        "summary": summary,
+        "rows": [],
+        "summary": [],
     }
+    for beta in betas:
+        for alpha in tqdm(alphas, desc=f"table beta={beta:g}"):
+            started = time.perf_counter()
+            result = generate(
+                pipeline, TABLE_PROMPT, num_images, seed, beta, steps, batch_size, classes=list(TABLE_CLASSES),
+                kldb_guidance_scale=alpha, kldb_guidance_interval=interval, kldb_gradient=kldb_gradient,
+            )  # fmt: skip
+            kldb = result["kldb"].double().numpy()
+            predicted = result["predicted_class"]
+            row = {
+                "beta": beta,
+                "alpha": alpha,
+                "median_kldb": float(np.median(kldb)),
+                "kldb_q25": float(np.quantile(kldb, 0.25)),
+                "kldb_q75": float(np.quantile(kldb, 0.75)),
+                "median_entropy": float(np.median(result["entropy"].double().numpy())),
+                "fid": frechet_distance(probe.features(result["images"]), real_features),
+                "fraction_predicted_in_classes": float(
+                    torch.isin(predicted, torch.tensor(TABLE_CLASSES)).float().mean()
+                ),
+                "predicted_mix": {LABELS[c]: int((predicted == c).sum()) for c in range(len(LABELS))},
+                "seconds": time.perf_counter() - started,
+            }
+            table["rows"].append(row)
+            table["summary"] = summarize_table(table["rows"])
+            logger.info(
+                "beta %g alpha %g: median KLDB %.4f, median entropy %.4f, FID %.3f (%.0f s)",
+                beta, alpha, row["median_kldb"], row["median_entropy"], row["fid"], row["seconds"],
+            )  # fmt: skip
+            if on_row is not None:
+                on_row(table)
+    return table
 
 
 def results_markdown(info: dict[str, Any]) -> str:
@@ -234,7 +250,9 @@ def results_markdown(info: dict[str, Any]) -> str:
         "",
         f"Seed {info['seed']}, training script {info['script_version']}, "
         f"training time {info['training_seconds']['total'] / 60:.1f} min on 2 CPU cores; "
-        f"evaluation time {evaluation['seconds'] / 60:.1f} min. Regenerate with `python -m kldb.digits.evaluate`.",
+        f"evaluation time {evaluation.get('seconds', 0.0) / 60:.1f} min"
+        f"{'' if evaluation.get('complete') else ' (INCOMPLETE: the evaluation was interrupted)'}. "
+        "Regenerate with `python -m kldb.digits.evaluate`.",
         "",
         "## Classifier (held-out test split)",
         "",
@@ -255,7 +273,7 @@ def results_markdown(info: dict[str, Any]) -> str:
         "",
         f'## Table 1 on digits: prompt "{table["prompt"]}", classes {table["classes"]}, '
         f"{table['images_per_setting']} images per setting, {table['num_inference_steps']} LMS steps, "
-        f"interval {table['kldb_guidance_interval']}",
+        f"interval {table['kldb_guidance_interval']}, guidance gradient `{table['kldb_gradient']}`",
         "",
         f"FID against {table['real_reference']}.",
         "",
@@ -285,15 +303,25 @@ def results_markdown(info: dict[str, Any]) -> str:
             f"{100 * item['fid_relative_change']:+.1f}% | "
             f"{item['median_entropy_alpha0']:.4f} -> {item['median_entropy_best']:.4f} |"
         )
-    lines += ["", "(*) no alpha > 0 kept the FID within the tolerance; the lowest-KLDB alpha is shown.", ""]
+    if not all(item["best_alpha_within_fid_tolerance"] for item in table["summary"]):
+        lines += ["", "(*) no alpha > 0 kept the FID within the tolerance; the lowest-KLDB alpha is shown."]
+    lines.append("")
     return "\n".join(lines)
+
+
+def write_results(path: Path, info: dict[str, Any]) -> None:
+    (path / "world_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (path / "RESULTS.md").write_text(results_markdown(info), encoding="utf-8")
 
 
 def evaluate_world(
     path: Path, images_per_setting: int, images_per_digit: int, steps: int, interval: int, batch_size: int,
-    betas: Sequence[float] = TABLE_BETAS, alphas: Sequence[float] = TABLE_ALPHAS,
+    kldb_gradient: str = "detached", betas: Sequence[float] = TABLE_BETAS, alphas: Sequence[float] = TABLE_ALPHAS,
 ) -> dict[str, Any]:  # fmt: skip
-    """Measure every quality figure of the world at `path` and write them into its world_info.json and RESULTS.md."""
+    """Measure every quality figure of the world at `path`; write them into its world_info.json and RESULTS.md.
+
+    Both files are rewritten after every table setting, so an interrupted run leaves its figures so far.
+    """
     started = time.perf_counter()
     info = world_info(path)
     seed = info["seed"]
@@ -301,19 +329,26 @@ def evaluate_world(
     pipeline.set_progress_bar_config(disable=True)
     probe = ClassifierProbe(pipeline)
     guidance_scale = info["default_guidance_scale"]
-    evaluation: dict[str, Any] = {"classifier": evaluate_classifier(probe, seed)}
+    evaluation: dict[str, Any] = {"complete": False, "classifier": evaluate_classifier(probe, seed)}
+    info["evaluation"] = evaluation
     logger.info("classifier: %s", evaluation["classifier"])
     evaluation["fidelity"] = evaluate_fidelity(
         pipeline, probe, seed, images_per_digit, guidance_scale, steps, batch_size
     )
     logger.info("fidelity: mean %.3f, FID %.3f", evaluation["fidelity"]["mean"], evaluation["fidelity"]["fid_vs_test"])
+
+    def save_partial(table: dict[str, Any]) -> None:
+        evaluation["table"] = table
+        evaluation["seconds"] = time.perf_counter() - started
+        write_results(path, info)
+
     evaluation["table"] = evaluate_table(
-        pipeline, probe, seed, images_per_setting, betas, alphas, steps, interval, batch_size
-    )
+        pipeline, probe, seed, images_per_setting, betas, alphas, steps, interval, batch_size, kldb_gradient,
+        on_row=save_partial,
+    )  # fmt: skip
     evaluation["seconds"] = time.perf_counter() - started
-    info["evaluation"] = evaluation
-    (path / "world_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    (path / "RESULTS.md").write_text(results_markdown(info), encoding="utf-8")
+    evaluation["complete"] = True
+    write_results(path, info)
     return info
 
 
@@ -325,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--kldb-gradient", choices=["unet", "detached"], default="detached",
+        help="how the guidance gradient treats the noise prediction (see the pipeline's `kldb_gradient`)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -332,8 +371,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     info = evaluate_world(
-        args.world, args.images_per_setting, args.images_per_digit, args.steps, args.interval, args.batch_size
-    )
+        args.world, args.images_per_setting, args.images_per_digit, args.steps, args.interval, args.batch_size,
+        args.kldb_gradient,
+    )  # fmt: skip
     print(results_markdown(info))
 
 
