@@ -502,6 +502,18 @@ def normalize_guidance_gradient(grad: torch.Tensor, z: torch.Tensor) -> tuple[to
     return g_star.to(grad.dtype), ok
 
 
+#: An updated latent whose RMS exceeds this many noise standard deviations is refused: nothing the model has seen is
+#: that far out, and the UNet and decoder overflow to nan not far beyond (a huge ``kldb_guidance_scale`` gets there).
+MAX_LATENT_STDS = 1e4
+
+
+def latents_are_usable(latents: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``[B]`` bool: finite, and with an RMS below ``MAX_LATENT_STDS`` times the k-LMS latent scale ``sqrt(sigma^2 + 1)``."""
+    flat = latents.detach().flatten(1).float()
+    rms = flat.pow(2).mean(dim=1).sqrt()
+    return torch.isfinite(flat).all(dim=1) & (rms <= MAX_LATENT_STDS * (sigma**2 + 1) ** 0.5)
+
+
 class KLDBGuidanceCallback(PipelineCallback):
     r"""Step-end callback applying KLDB guidance (Equation 2) around the k-LMS step.
 
@@ -626,7 +638,7 @@ class KLDBGuidanceCallback(PipelineCallback):
             else:
                 delta, ok = self.correction(pipeline, step_index, timestep, z, self._captured)
                 updated = latents + delta.to(latents.dtype)
-                ok = ok & torch.isfinite(updated.flatten(1)).all(dim=1)
+                ok = ok & latents_are_usable(updated, float(pipeline.scheduler.sigmas[step_index + 1]))
                 latents = torch.where(ok.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
                 self.skipped_updates += int((~ok).sum())
                 self.guided_updates += int(ok.sum())
@@ -701,7 +713,8 @@ class KLDBBoundaryPipelineOutput(BaseOutput):
         probabilities: ``[B, n]`` the classifier's softmax on each returned image.
         predicted_class: ``[B]`` arg-max class index.
         classes: the class subset, as indices.
-        skipped_updates: per-sample guidance updates skipped because the gradient was zero or not finite.
+        skipped_updates: per-sample guidance updates skipped: zero or non-finite gradient, or an updated latent
+            that would not stay finite (see :func:`latents_are_usable`).
         guided_updates: per-sample guidance updates applied.
     """
 
@@ -830,6 +843,8 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         classes: Any,
         timesteps: Any = None,
         sigmas: Any = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         """Check the KLDB arguments and the scheduler, with one clear error each."""
         if not isinstance(self.scheduler, LMSDiscreteScheduler):
@@ -861,6 +876,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             raise ValueError(
                 f"`kldb_guidance_interval` has to be an integer in [1, num_inference_steps={steps}] but is "
                 f"{kldb_guidance_interval!r}."
+            )
+        if height is not None and width is not None and (height % self.vae_scale_factor or width % self.vae_scale_factor):
+            raise ValueError(
+                f"`height` and `width` have to be divisible by the VAE factor {self.vae_scale_factor} but are {height} "
+                f"and {width}."
             )
         if kldb_guidance_scale > 0 and classes is None:
             raise ValueError("`classes` has to be given when `kldb_guidance_scale` > 0.")
@@ -964,16 +984,17 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         """
         device = self._execution_device
         adapter = self._resolve_classifier(classifier, device)
-        steps_for_check = num_inference_steps
         self.check_kldb_inputs(
             kldb_guidance_scale,
             kldb_guidance_interval,
             kldb_gradient,
-            steps_for_check,
+            num_inference_steps,
             adapter is not None,
             classes,
             timesteps,
             sigmas,
+            height,
+            width,
         )
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -1071,7 +1092,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         if skipped:
             logger.warning(
                 f"KLDB guidance skipped {skipped} of {skipped + guided} per-sample updates (zero or non-finite "
-                "gradient); those samples kept their unguided latents at those steps."
+                "gradient, or a step too large to stay finite); those samples kept their unguided latents there."
             )
 
         # 5. Convert to the requested output type (the same conversion StableDiffusionPipeline applies)

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # dynamic modules (custom pipelines) are copied here, not into the user's cache
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="kldb-hf-modules-")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# tiny models gain nothing from threads; one per test process avoids oversubscribing the cores under xdist
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

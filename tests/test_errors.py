@@ -15,7 +15,7 @@ from pipeline_kldb_boundary import kldb_guidance_gradient, resolve_classes
 
 def call(pipe, **kwargs):
     defaults = {"prompt": "three", "num_inference_steps": 4, "kldb_guidance_interval": 2, "output_type": "pt"}
-    return pipe(generator=gen(0), **{**defaults, **kwargs})
+    return pipe(**{"generator": gen(0), **defaults, **kwargs})
 
 
 # --- ImageClassifier ---------------------------------------------------------------------------------------------------
@@ -115,7 +115,11 @@ def test_callback_gradient_mode():
         ({"kldb_guidance_scale": 0.1}, ValueError, r"`classes` has to be given when `kldb_guidance_scale` > 0"),
         ({"classes": [0, 7]}, ValueError, r"distinct ints in \[0, 4\) but got \[0, 7\]"),
         ({"classes": ["seven"]}, ValueError, r"`classes` contains 'seven', which is not among the classifier's labels"),
-        ({"height": 33, "width": 32, "classes": [0, 1]}, ValueError, r"`height` and `width` have to be divisible by 8 but are 33 and 32"),
+        ({"height": 33, "width": 32, "classes": [0, 1]}, ValueError, r"`height` and `width` have to be divisible by the VAE factor 2 but are 33 and 32"),
+        ({"height": 36, "width": 32, "classes": [0, 1]}, ValueError, r"`height` and `width` have to be divisible by 8 but are 36 and 32"),
+        ({"prompt": ["three", "two"], "negative_prompt": ["a", "b", "c"], "classes": [0, 1]}, ValueError, r"`negative_prompt`: \['a', 'b', 'c'\] has batch size 3, but `prompt`:"),
+        ({"prompt": ["three", "two"], "generator": [gen(0)], "classes": [0, 1]}, ValueError, r"You have passed a list of generators of length 1, but requested an effective batch size of 2"),
+        ({"prompt": 3, "classes": [0, 1]}, ValueError, r"`prompt` has to be of type `str` or `list` but is <class 'int'>"),
     ],
 )
 def test_bad_call_arguments(tiny_pipe, kwargs, error, match):
