@@ -11,7 +11,8 @@ Classifier specs (``None`` keeps the pipeline's own classifier):
 
 - ``"torchvision:<model>:<weights>"``, e.g. ``"torchvision:resnet50:IMAGENET1K_V2"``: a torchvision model with the
   preprocessing and label names of its weights (:meth:`ImageClassifier.from_torchvision`);
-- ``"package.module:function"``: ``function()`` returns a classifier (see :func:`as_image_classifier`);
+- ``"package.module:function"``: ``function()`` returns a classifier (see :func:`as_image_classifier`) or a pair
+  ``(transformers model, image processor)``, e.g. ``"kldb.testing:tiny_classifier"``;
 - anything else: a transformers image-classification model folder or Hub id, with its image processor.
 """
 
@@ -128,7 +129,11 @@ def load_classifier(spec: str | None, device: str | torch.device = "cpu") -> Ima
         model = torchvision.models.get_model(name, weights=weights)
         adapter = ImageClassifier.from_torchvision(model.eval(), weights)
     elif is_factory_spec(spec):
-        adapter = as_image_classifier(_call_factory(spec, "classifier"))
+        made = _call_factory(spec, "classifier")
+        # a factory may return the model alone or (model, image processor)
+        adapter = (
+            as_image_classifier(*made) if isinstance(made, tuple) and len(made) == 2 else as_image_classifier(made)
+        )
     else:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 

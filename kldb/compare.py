@@ -1,0 +1,210 @@
+"""Compare classifiers on the same boundary: score a run's images with a second classifier of the same label space.
+
+Images made to sit on classifier A's decision boundary between the classes C: does classifier B hesitate on them too?
+Per setting and over the whole run, :func:`compare_run` reports
+
+- the median KLDB and entropy under A (from the manifest) and under B (rescored from the PNGs);
+- the Spearman rank correlation of KLDB under A and under B (``scipy.stats.spearmanr``): do the images A finds most
+  ambiguous rank as most ambiguous under B?
+- ``top_set_agreement``: the share of images on which A and B have the same set of |C| most probable classes;
+- ``both_top_set_share``: the share of images whose top-|C| classes are exactly C under both;
+- ``prediction_agreement``: the share of images with the same arg-max class.
+
+A's scores in the manifest were computed on the generated image before it was quantised to 8-bit PNG; B's are computed
+on the PNG, as B would see it from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kldb.io import atomic_write_json, atomic_write_text
+from kldb.metrics import load_image, run_info, top_set_is_classes
+from kldb.sweep import iter_settings, read_manifest
+from pipeline_kldb_boundary import ImageClassifier, entropy, kldb_score
+
+logger = logging.getLogger(__name__)
+
+PER_IMAGE_FIELDS = (
+    "setting",
+    "seed",
+    "file",
+    "kldb_a",
+    "kldb_b",
+    "entropy_a",
+    "entropy_b",
+    "predicted_a",
+    "predicted_b",
+    "top_set_a",
+    "top_set_b",
+)
+
+
+def check_same_label_space(labels_a: Sequence[str], classifier_b: ImageClassifier, num_classes_b: int) -> None:
+    """Refuse a second classifier whose outputs are not the run classifier's classes (same count, same names)."""
+    if num_classes_b != len(labels_a):
+        raise ValueError(
+            f"Expected the second classifier to have the run's {len(labels_a)} classes but it returns {num_classes_b} "
+            "logits."
+        )
+    labels_b = classifier_b.labels
+    if labels_b is not None and [a.casefold() for a in labels_a] != [b.casefold() for b in labels_b]:
+        first = next(i for i, (a, b) in enumerate(zip(labels_a, labels_b)) if a.casefold() != b.casefold())
+        raise ValueError(
+            f"Expected the second classifier to have the run's label names but class {first} is "
+            f"{labels_b[first]!r} for it and {labels_a[first]!r} for the run."
+        )
+
+
+@torch.no_grad()
+def score_records(
+    run_dir: str | os.PathLike[str],
+    records: Sequence[dict[str, Any]],
+    classifier: ImageClassifier,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Rescore the PNGs of ``records`` with ``classifier``; one dict per image with its scores under A and B."""
+    out = Path(run_dir)
+    rows = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = torch.stack([load_image(out / r["file"]) for r in chunk])  # (B, 3, H, W)
+        logits = classifier(images)  # (B, n)
+        ent = entropy(logits)
+        for i, r in enumerate(chunk):
+            classes = [int(c) for c in r["class_indices"]]
+            row_logits = logits[i : i + 1]
+            top_b = row_logits[0].topk(len(classes)).indices.tolist()
+            rows.append(
+                {
+                    "setting": r["setting"],
+                    "seed": r["seed"],
+                    "file": r["file"],
+                    "classes": classes,
+                    "kldb_a": float(r["kldb"]),
+                    "kldb_b": float(kldb_score(row_logits, classes)[0]),
+                    "entropy_a": float(r["entropy"]),
+                    "entropy_b": float(ent[i]),
+                    "predicted_a": int(r["predicted_class"]),
+                    "predicted_b": int(row_logits[0].argmax()),
+                    "top_set_a": sorted(int(c) for c in r["top_classes"][: len(classes)]),
+                    "top_set_b": sorted(top_b),
+                    "a_top_is_c": top_set_is_classes(r),
+                    "b_top_is_c": set(top_b) == set(classes),
+                }
+            )
+    return rows
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    from scipy.stats import spearmanr
+
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    rho = float(spearmanr(x, y).statistic)
+    return rho if math.isfinite(rho) else None
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Carry-over statistics of a set of rescored images (see the module docstring)."""
+    kldb_a, kldb_b = [r["kldb_a"] for r in rows], [r["kldb_b"] for r in rows]
+    return {
+        "n": len(rows),
+        "median_kldb_a": float(np.median(kldb_a)),
+        "median_kldb_b": float(np.median(kldb_b)),
+        "median_entropy_a": float(np.median([r["entropy_a"] for r in rows])),
+        "median_entropy_b": float(np.median([r["entropy_b"] for r in rows])),
+        "kldb_spearman": _spearman(kldb_a, kldb_b),
+        "top_set_agreement": float(np.mean([r["top_set_a"] == r["top_set_b"] for r in rows])),
+        "a_top_set_share": float(np.mean([r["a_top_is_c"] for r in rows])),
+        "b_top_set_share": float(np.mean([r["b_top_is_c"] for r in rows])),
+        "both_top_set_share": float(np.mean([r["a_top_is_c"] and r["b_top_is_c"] for r in rows])),
+        "prediction_agreement": float(np.mean([r["predicted_a"] == r["predicted_b"] for r in rows])),
+    }
+
+
+def compare_run(
+    run: str | os.PathLike[str],
+    classifier: str | Any,
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Score a run's images with a second classifier and write ``per_image.csv``, ``summary.json``, ``summary.md``.
+
+    Args:
+        run: a sweep folder.
+        classifier: the second classifier B: a classifier spec (see :func:`kldb.loading.load_classifier`) or an
+            object :func:`~pipeline_kldb_boundary.as_image_classifier` accepts.
+        out_dir: where to write (default ``<run>/compare``).
+        batch_size: images per classifier pass.
+        device: where B runs.
+
+    Returns:
+        ``{"classifier": ..., "overall": {...}, "settings": [{"setting": ..., ...}], "files": {...}}``.
+    """
+    from kldb.loading import load_classifier
+    from kldb.report import to_csv
+    from pipeline_kldb_boundary import as_image_classifier
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Expected argument `batch_size` to be a positive integer but got {batch_size!r}.")
+    records = read_manifest(run)
+    if not records:
+        raise ValueError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+    labels = run_info(run).get("labels") or [str(i) for i in range(int(records[0]["num_classes"]))]
+    name = classifier if isinstance(classifier, str) else type(classifier).__name__
+    adapter = load_classifier(classifier, device) if isinstance(classifier, str) else as_image_classifier(classifier)
+    with torch.no_grad():
+        probe = load_image(Path(run) / records[0]["file"]).unsqueeze(0)
+        num_classes = adapter(probe).shape[-1]
+    check_same_label_space(labels, adapter, num_classes)
+    rows = score_records(run, records, adapter, batch_size)
+    groups = iter_settings(rows)
+    result: dict[str, Any] = {
+        "run": str(run),
+        "classifier": name,
+        "overall": summarize(rows),
+        "settings": [{"setting": setting, **summarize(group)} for setting, group in groups.items()],
+    }
+    out = Path(out_dir) if out_dir is not None else Path(run) / "compare"
+    files = {
+        "per_image.csv": atomic_write_text(out / "per_image.csv", to_csv(rows, PER_IMAGE_FIELDS)),
+        "summary.json": atomic_write_json(out / "summary.json", result),
+        "summary.md": atomic_write_text(out / "summary.md", summary_markdown(result)),
+    }
+    result["files"] = {k: str(v) for k, v in files.items()}
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """The comparison as a Markdown table, one row per setting and one for the whole run."""
+    lines = [
+        f"# Does the ambiguity carry over? Run `{result['run']}`, second classifier `{result['classifier']}`",
+        "",
+        "A = the classifier the images were made for (manifest), B = the second classifier (rescored PNGs).",
+        "",
+        "| setting | n | median KLDB A | median KLDB B | median entropy A | median entropy B | Spearman (KLDB) | "
+        "top-|C| agreement | top-|C| = C under both | same prediction |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in [*result["settings"], {"setting": "**all**", **result["overall"]}]:
+        lines.append(
+            f"| {row['setting']} | {row['n']} | {row['median_kldb_a']:.4f} | {row['median_kldb_b']:.4f} | "
+            f"{row['median_entropy_a']:.4f} | {row['median_entropy_b']:.4f} | {_fmt(row['kldb_spearman'])} | "
+            f"{100 * row['top_set_agreement']:.0f}% | {100 * row['both_top_set_share']:.0f}% | "
+            f"{100 * row['prediction_agreement']:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
