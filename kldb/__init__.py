@@ -16,7 +16,7 @@ from pipeline_kldb_boundary import (
     kldb_score,
 )
 
-from .hub import write_pipeline_folder
+from .hub import export_folder, publish, write_pipeline_folder
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,8 @@ __all__ = [
     "as_image_classifier",
     "check_classes",
     "entropy",
+    "export_folder",
     "kldb_score",
+    "publish",
     "write_pipeline_folder",
 ]

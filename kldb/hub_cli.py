@@ -1,0 +1,123 @@
+"""Command line for Hub export and publishing: ``export`` writes a Hub-ready folder, ``publish`` uploads it.
+
+    python -m kldb.hub_cli export digits exported/kldb-digits --repo-id me/kldb-digits
+    python -m kldb.hub_cli publish exported/kldb-digits me/kldb-digits --dry-run   # lists files, uploads nothing
+    python -m kldb.hub_cli publish exported/kldb-digits me/kldb-digits             # token: HF_TOKEN or `hf auth login`
+
+There is deliberately no ``--token`` option: a token on the command line ends up in shell histories and process
+lists. ``publish`` uses ``HF_TOKEN`` or the stored login, as ``huggingface_hub`` does.
+
+The main ``kldb`` command mounts these with :func:`add_hub_commands`; :func:`main` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kldb.hub import export_folder, publish
+
+logger = logging.getLogger(__name__)
+
+#: Source names `export` accepts besides a folder path.
+DIGITS_SOURCE = "digits"
+
+
+def add_hub_commands(subparsers: Any) -> None:
+    """Add the ``export`` and ``publish`` subcommands to an ``argparse`` subparsers object.
+
+    Each subcommand sets ``handler`` (a function of the parsed arguments returning an exit status).
+    """
+    export = subparsers.add_parser(
+        "export",
+        help="write a Hub-ready folder (weights, pipeline.py, kldb_boundary.py, README.md model card)",
+        description="Write a Hub-ready folder from a saved pipeline folder, after a security scan.",
+    )
+    export.add_argument(
+        "source", help=f"a saved pipeline folder (with model_index.json), or {DIGITS_SOURCE!r} for the digits world"
+    )
+    export.add_argument("out", type=Path, help="destination folder (replaced if it exists)")
+    export.add_argument("--repo-id", default=None, help="the Hub repo the folder is meant for; named in the card")
+    card = export.add_mutually_exclusive_group()
+    card.add_argument("--no-model-card", action="store_true", help="write no README.md")
+    card.add_argument("--model-card", type=Path, default=None, help="card template instead of model_card.md")
+    export.add_argument("--world-info", type=Path, default=None, help="world_info.json for the card's results")
+    export.add_argument(
+        "--results",
+        type=Path,
+        action="append",
+        default=None,
+        help="a kldb.demo report.json or a markdown file for the card's results section (repeatable)",
+    )
+    export.set_defaults(handler=run_export)
+
+    upload = subparsers.add_parser(
+        "publish",
+        help="upload an exported folder to the Hub (create_repo + upload_folder); --dry-run lists the files",
+        description="Upload an exported folder to the Hugging Face Hub after a security scan.",
+    )
+    upload.add_argument("folder", type=Path, help="a folder written by `export`")
+    upload.add_argument("repo_id", help="namespace/name of the model repo (created if missing)")
+    upload.add_argument("--private", action="store_true", help="create the repo private")
+    upload.add_argument("--revision", default=None, help="branch to upload to (created if missing; default: main)")
+    upload.add_argument("--commit-message", default=None, help="commit message of the upload")
+    upload.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded (path, size); send nothing"
+    )
+    upload.set_defaults(handler=run_publish)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``export``: :func:`kldb.hub.export_folder` from a folder or the digits world."""
+    source: str | Path = args.source
+    if args.source == DIGITS_SOURCE:
+        from kldb.digits import WORLD_PATH
+
+        source = WORLD_PATH
+    model_card: bool | Path = False if args.no_model_card else (args.model_card or True)
+    results = args.results if args.results is None or len(args.results) > 1 else args.results[0]
+    folder = export_folder(
+        source, args.out, model_card=model_card, repo_id=args.repo_id, world_info=args.world_info, results=results
+    )
+    print(f"Exported {source} to {folder}. Check it with `publish {folder} <repo_id> --dry-run`.")
+    return 0
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    """``publish``: :func:`kldb.hub.publish`; the listing goes to stdout."""
+    kwargs: dict[str, Any] = {"private": args.private, "revision": args.revision, "dry_run": args.dry_run}
+    if args.commit_message:
+        kwargs["commit_message"] = args.commit_message
+    result = publish(args.folder, args.repo_id, **kwargs)
+    print(result.listing())
+    if not args.dry_run:
+        print(f"Done: {result.url or args.repo_id}")
+    return 0
+
+
+def build_parser(prog: str = "python -m kldb.hub_cli") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_hub_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``export`` or ``publish``; returns the exit status (2 for refused input, 1 for I/O or Hub errors)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
