@@ -25,6 +25,7 @@ This file is self-contained on purpose: diffusers loads it alone as a community 
 import difflib
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 GRADIENT_MODES = ("unet", "detached")
+AUTOCAST_DTYPES = (None, torch.float16, torch.bfloat16)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -136,8 +138,10 @@ def kldb_score(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     indices = check_classes(classes, logits.shape[-1])
     log_probs = torch.log_softmax(logits, dim=-1)[:, indices]  # (B, |C|)
     log_size = torch.log(torch.tensor(float(len(indices)), dtype=logits.dtype, device=logits.device))
-    # mathematically >= 0; clamp only removes float rounding below zero
-    return (-log_size - log_probs.mean(dim=-1)).clamp_min(0.0)
+    score = -log_size - log_probs.mean(dim=-1)
+    # mathematically >= 0: the clamp removes float rounding below zero from the value only, so that the gradient
+    # (softmax - uniform over C) is kept right at the boundary, where the value rounds to 0
+    return score + (score.clamp_min(0.0) - score).detach()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -211,7 +215,9 @@ class ImageClassifier(torch.nn.Module):
         if not callable(model):
             raise TypeError(f"Expected argument `model` to be a callable returning logits but got {type(model)}.")
         if interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"Expected argument `interpolation` to be 'bilinear' or 'bicubic' but got {interpolation!r}.")
+            raise ValueError(
+                f"Expected argument `interpolation` to be 'bilinear' or 'bicubic' but got {interpolation!r}."
+            )
         if (mean is None) != (std is None):
             raise ValueError("Expected arguments `mean` and `std` to be given together but got only one of them.")
         if std is not None and (len(std) != 3 or len(mean) != 3 or any(s <= 0 for s in std)):
@@ -336,7 +342,9 @@ class ImageClassifier(torch.nn.Module):
     def device(self) -> torch.device:
         """Device of the model's parameters (CPU for a parameter-free callable), as diffusers components have."""
         param = self._param()
-        return param.device if param is not None else self.mean.device if self.mean is not None else torch.device("cpu")
+        return (
+            param.device if param is not None else self.mean.device if self.mean is not None else torch.device("cpu")
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -458,6 +466,7 @@ def kldb_guidance_gradient(
     classify: Callable[[torch.Tensor], torch.Tensor],
     eps: torch.Tensor | None = None,
     predict_eps: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the batch-summed KLDB of the predicted clean image with respect to the latent ``z``.
 
@@ -465,6 +474,9 @@ def kldb_guidance_gradient(
     classify, KLDB summed over the batch, gradient with respect to ``z``. ``eps`` given: a detached noise prediction
     (the gradient reaches ``z`` through ``x0 = z - sigma * eps`` only). ``predict_eps`` given instead: the noise is
     predicted from ``z`` with gradients on, so the gradient also flows through the UNet.
+
+    ``loss_scale`` multiplies the loss before the backward pass, as mixed-precision training does, so that small
+    gradients do not underflow in float16; the returned gradient is scaled by it (the normalisation cancels it).
 
     Returns:
         ``(grad, kldb)``: ``grad`` like ``z``; ``kldb`` ``[B]`` of the predicted clean images (detached).
@@ -480,7 +492,7 @@ def kldb_guidance_gradient(
     total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
     if not total.requires_grad:  # every loss non-finite, or a classifier cut from the graph
         return torch.zeros_like(z), loss.detach()
-    (grad,) = torch.autograd.grad(total, z)
+    (grad,) = torch.autograd.grad(total * loss_scale, z)
     grad = torch.where(torch.isfinite(loss).view(-1, *[1] * (z.ndim - 1)), grad, torch.full_like(grad, float("nan")))
     return grad, loss.detach()
 
@@ -539,6 +551,8 @@ class KLDBGuidanceCallback(PipelineCallback):
         do_classifier_free_guidance: whether the pipeline batches unconditional and conditional inputs.
         initial_latents: the noise the first step starts from, before ``init_noise_sigma`` scaling; needed only
             when step 1 is guided (``interval == 1``).
+        autocast_dtype: run the guidance pass under ``torch.autocast`` in this dtype (``torch.float16`` or
+            ``torch.bfloat16``); ``None`` runs it in the components' own dtype.
     """
 
     def __init__(
@@ -550,10 +564,16 @@ class KLDBGuidanceCallback(PipelineCallback):
         gradient: str = "unet",
         do_classifier_free_guidance: bool = True,
         initial_latents: torch.Tensor | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__(cutoff_step_ratio=1.0)
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"`kldb_gradient` has to be one of {GRADIENT_MODES} but is {gradient!r}.")
+        if autocast_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"`kldb_autocast_dtype` has to be None, torch.float16 or torch.bfloat16 but is {autocast_dtype!r}."
+            )
+        self.autocast_dtype = autocast_dtype
         self.classifier = classifier
         self.classes = list(classes)
         self.guidance_scale = float(guidance_scale)
@@ -608,19 +628,43 @@ class KLDBGuidanceCallback(PipelineCallback):
         return predict_eps
 
     def correction(self, pipeline: Any, step_index: int, timestep: Any, z: torch.Tensor, captured: torch.Tensor):
-        """``(-alpha * g*, ok)`` for the latent ``z`` that step ``step_index`` (0-based) started from."""
+        """``(-alpha * g*, ok)`` for the latent ``z`` that step ``step_index`` (0-based) started from.
+
+        In float16 (a float16 VAE, or ``autocast_dtype=torch.float16``) the loss is scaled by 2^16 so that small
+        gradients do not flush to zero; samples whose scaled gradient overflows are redone at 2^8, then 1.
+        """
         sigma = float(pipeline.scheduler.sigmas[step_index])
         vae = pipeline.vae
 
         def decode(x0: torch.Tensor) -> torch.Tensor:
             return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
 
-        if self.gradient == "detached":
-            grad, _ = kldb_guidance_gradient(z, sigma, self.classes, decode, self.classifier, eps=captured)
-        else:
-            predict_eps = self._predict_eps_fn(pipeline, timestep, captured, sigma)
-            grad, _ = kldb_guidance_gradient(z, sigma, self.classes, decode, self.classifier, predict_eps=predict_eps)
-        g_star, ok = normalize_guidance_gradient(grad, z)
+        half = (self.autocast_dtype or vae.dtype) == torch.float16
+        g_star = torch.zeros_like(z, dtype=torch.float32)
+        ok = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        todo = torch.ones_like(ok)
+        for loss_scale in (2.0**16, 2.0**8, 1.0) if half else (1.0,):
+            idx = todo.nonzero().flatten()
+            autocast = (
+                torch.autocast(z.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+            )
+            with autocast:
+                if self.gradient == "detached":
+                    grad, _ = kldb_guidance_gradient(
+                        z[idx], sigma, self.classes, decode, self.classifier, eps=captured[idx], loss_scale=loss_scale
+                    )
+                else:
+                    predict_eps = self._predict_eps_fn(pipeline, timestep, captured[idx], sigma)
+                    grad, _ = kldb_guidance_gradient(
+                        z[idx], sigma, self.classes, decode, self.classifier, predict_eps=predict_eps,
+                        loss_scale=loss_scale,
+                    )  # fmt: skip
+            g, g_ok = normalize_guidance_gradient(grad.float(), z[idx].float())
+            g_star[idx], ok[idx] = g, g_ok
+            # only an overflow (non-finite gradient) is worth another try at a smaller scale
+            todo[idx] = ~torch.isfinite(grad.flatten(1)).all(dim=1)
+            if not todo.any():
+                break
         return -self.guidance_scale * g_star, ok
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
@@ -747,7 +791,13 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "classifier", "classifier_processor"]
+    _optional_components = [
+        "safety_checker",
+        "feature_extractor",
+        "image_encoder",
+        "classifier",
+        "classifier_processor",
+    ]
     _exclude_from_cpu_offload = ["safety_checker", "classifier"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred", "noise_pred_text"]
 
@@ -802,6 +852,20 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.register_modules(classifier=cls._as_component(classifier))
         return pipe
+
+    def enable_guidance_checkpointing(self) -> None:
+        """Gradient checkpointing in the VAE decoder and the UNet; it acts only in the guidance pass.
+
+        diffusers checkpoints a module only while gradients are enabled, i.e. here in the KLDB backward pass, never in
+        the no-grad sampling steps. Peak memory of guidance drops (activations are recomputed) at some extra time.
+        """
+        self.vae.enable_gradient_checkpointing()
+        self.unet.enable_gradient_checkpointing()
+
+    def disable_guidance_checkpointing(self) -> None:
+        """Undo :meth:`enable_guidance_checkpointing`."""
+        self.vae.disable_gradient_checkpointing()
+        self.unet.disable_gradient_checkpointing()
 
     def set_lms_scheduler(self, **overrides: Any) -> None:
         """Rebuild the k-LMS scheduler from its config with ``overrides``.
@@ -877,7 +941,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 f"`kldb_guidance_interval` has to be an integer in [1, num_inference_steps={steps}] but is "
                 f"{kldb_guidance_interval!r}."
             )
-        if height is not None and width is not None and (height % self.vae_scale_factor or width % self.vae_scale_factor):
+        if (
+            height is not None
+            and width is not None
+            and (height % self.vae_scale_factor or width % self.vae_scale_factor)
+        ):
             raise ValueError(
                 f"`height` and `width` have to be divisible by the VAE factor {self.vae_scale_factor} but are {height} "
                 f"and {width}."
@@ -950,6 +1018,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         kldb_guidance_scale: float = 0.1,
         kldb_guidance_interval: int = 5,
         kldb_gradient: str = "unet",
+        kldb_autocast_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> KLDBBoundaryPipelineOutput | tuple:
         r"""Generate images pulled toward the decision boundary of ``classes``.
@@ -977,6 +1046,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             kldb_gradient (`str`, *optional*, defaults to `"unet"`):
                 `"unet"`: the gradient flows through the noise prediction, as in the authors' code; `"detached"`:
                 the step's own noise prediction is used without its Jacobian (no extra UNet call).
+            kldb_autocast_dtype (`torch.dtype`, *optional*):
+                Run only the guidance pass under `torch.autocast` in `torch.float16` or `torch.bfloat16` (on GPU).
+                float16 gradients are loss-scaled so that they do not underflow; updates that still fail are
+                skipped and counted in `skipped_updates`.
 
         Returns:
             [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple
@@ -1022,7 +1095,9 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             if kldb_guidance_interval == 1:  # step 1 is guided: the callback needs the noise it starts from
                 initial_noise = latents
                 if initial_noise is None:
-                    batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+                    batch = (
+                        (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+                    )
                     shape = (
                         batch * (num_images_per_prompt or 1),
                         self.unet.config.in_channels,
@@ -1040,6 +1115,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 gradient=kldb_gradient,
                 do_classifier_free_guidance=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
                 initial_latents=initial_noise,
+                autocast_dtype=kldb_autocast_dtype,
             )
         callbacks: list[Any] = [_GuidanceCapture(guidance)] if guidance is not None else []
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

@@ -115,3 +115,15 @@ def test_bad_logits(logits):
         kldb_score(logits, [0])
     with pytest.raises(ValueError, match=r"Expected argument `logits`"):
         entropy(logits)
+
+
+def test_gradient_survives_rounding_at_the_boundary():
+    # float32 rounds KLDB of these logits to 0 (or below, then clamped); the gradient is still softmax - u_C
+    logits = torch.tensor([[1e-5, -1e-5, 0.0]], requires_grad=True)
+    score = kldb_score(logits, [0, 1])
+    assert score.item() >= 0
+    (grad,) = torch.autograd.grad(score.sum(), logits)
+    expected = torch.softmax(logits.detach().double(), -1)
+    expected[:, [0, 1]] -= 0.5
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-3, atol=1e-7)
+    assert grad[0, 0] > grad[0, 1]  # the larger logit gets the larger (less negative) gradient
