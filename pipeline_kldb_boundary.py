@@ -843,8 +843,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         """As :meth:`DiffusionPipeline.from_pretrained`; also takes a ``classifier`` that is not a transformers model.
 
         diffusers checks a passed component against the class saved in ``model_index.json``; a torchvision model, an
-        :class:`ImageClassifier` or a plain module replaces a saved transformers classifier here instead.
+        :class:`ImageClassifier` or a plain module replaces a saved transformers classifier here instead. Weights are
+        read from safetensors only (``use_safetensors=True`` unless you pass otherwise): no pickle is unpickled.
         """
+        kwargs.setdefault("use_safetensors", True)
         classifier = kwargs.get("classifier")
         if classifier is None or _is_transformers_classifier(classifier):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
