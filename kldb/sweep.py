@@ -310,33 +310,37 @@ def _disk_full(path: Path, error: OSError, done: int) -> SweepDiskFullError:
 
 
 class ManifestWriter:
-    """Appends one JSON line per image to a JSONL file: one write, then flush and fsync.
+    """Appends one JSON line per image to a JSONL file: an unbuffered write of the whole line, then fsync.
 
-    If the write fails (e.g. ``ENOSPC``), the file is cut back to its previous length, so that no partial line stays.
+    If the write fails part-way (e.g. ``ENOSPC``, or an interrupt), a partial line is cut off again, so that the file
+    only ever holds complete lines; a line that was written completely is kept.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the whole run, closed in close()
+        # unbuffered: no bytes of a failed line can linger in a buffer and be flushed later
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open for the run, closed in close()
 
     def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._file.flush()
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            view = view[written:]
         os.fsync(self._file.fileno())
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line; on failure, no partial line remains."""
         data = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode("utf-8")
-        position = self._file.tell()
+        position = os.fstat(self._file.fileno()).st_size
         try:
             self._write(data)
         except BaseException:
-            self._file.seek(position)
             try:
-                self._file.truncate(position)
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            except OSError:  # the cut-off line is dropped on recovery anyway
+                if os.fstat(self._file.fileno()).st_size != position + len(data):
+                    os.ftruncate(self._file.fileno(), position)
+                    os.fsync(self._file.fileno())
+            except OSError:  # a partial line that could not be cut off is dropped on recovery
                 logger.exception("Could not cut a partial line off %s", self.path)
             raise
 

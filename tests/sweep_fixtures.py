@@ -65,3 +65,21 @@ def write_run(out: Path, seeds: int = 6, seed: int = 0) -> list[dict]:
     from kldb.sweep import read_jsonl
 
     return read_jsonl(out / "manifest.jsonl")
+
+
+def ten_class_classifier():
+    """A tiny classifier with 10 classes (another label space than the tiny pipeline's 4)."""
+    from kldb.testing import tiny_classifier
+
+    return tiny_classifier(num_labels=10)
+
+
+def renamed_classifier():
+    """A tiny classifier with 4 classes whose names differ from the tiny pipeline's."""
+    from kldb.testing import tiny_classifier
+
+    model, processor = tiny_classifier(seed=1)
+    names = ["nought", "one", "two", "three"]
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {n: i for i, n in enumerate(names)}
+    return model, processor

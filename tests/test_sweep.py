@@ -139,13 +139,13 @@ def test_recovery_drops_partial_line_and_temporary_files(tmp_path):
     assert_complete(out, cfg)
 
 
-SCRIPT = """
-import sys
-from kldb.sweep import SweepConfig, run_sweep
-run_sweep(SweepConfig(sys.argv[1], pipeline="tiny", class_subsets=[["three", "two"]], alphas=[0.0, 0.3], betas=[3.0],
-          seeds=list(range(int(sys.argv[2]))), num_inference_steps=4, kldb_guidance_interval=2, batch_size=2),
-          progress=False)
-"""
+def sweep_command(out: Path, seeds: int) -> list[str]:
+    """The `kldb sweep` command line of :func:`config` (tiny components), as a real user would type it."""
+    return [
+        sys.executable, "-m", "kldb.cli", "sweep", "--out", str(out), "--pipeline", "tiny", "--classes", "three", "two",
+        "--alphas", "0", "0.3", "--betas", "3", "--num-images", str(seeds), "--steps", "4", "--interval", "2",
+        "--batch-size", "2", "--no-progress",
+    ]  # fmt: skip
 
 
 def _environment() -> dict[str, str]:
@@ -160,7 +160,7 @@ def _lines_written(out: Path) -> int:
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume(tmp_path):
-    """Three runs killed with SIGKILL at random points (after a random number of images, plus a random delay within
+    """Three `kldb sweep` runs killed with SIGKILL at random points (after a random number of images, plus a random delay within
     the next image), each followed by a consistency check; then a resume completes the run: nothing lost, nothing
     duplicated, no truncated PNG or manifest line."""
     out = tmp_path / "run"
@@ -170,7 +170,7 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
     for trial in range(3):
         target = _lines_written(out) + rng.randint(1, 10)
         process = subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(out), str(seeds)],
+            sweep_command(out, seeds),
             env=_environment(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -310,3 +310,27 @@ def test_load_records_keeps_the_first_line_of_a_key(tmp_path):
     assert len(load_records(out)) == 2
     sweep.merge_manifests(out)
     assert len(read_jsonl(out / "manifest.jsonl")) == 2 and not sweep.manifest_parts(out)
+
+
+def test_manifest_writer_keeps_a_complete_line_and_cuts_a_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.rank0.jsonl"
+    original = sweep.ManifestWriter._write
+
+    def interrupted_after_write(writer, data):  # Ctrl-C arrives after the line is written, during fsync
+        original(writer, data)
+        raise KeyboardInterrupt
+
+    def interrupted_mid_write(writer, data):  # Ctrl-C arrives with half the line written
+        writer._file.write(data[:5])
+        raise KeyboardInterrupt
+
+    with sweep.ManifestWriter(path) as writer:
+        writer.append({"n": 1})
+        monkeypatch.setattr(sweep.ManifestWriter, "_write", interrupted_after_write)
+        with pytest.raises(KeyboardInterrupt):
+            writer.append({"n": 2})
+        monkeypatch.setattr(sweep.ManifestWriter, "_write", interrupted_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            writer.append({"n": 3})
+    assert read_jsonl(path) == [{"n": 1}, {"n": 2}]
+    assert path.read_bytes().endswith(b"\n")

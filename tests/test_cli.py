@@ -1,0 +1,232 @@
+"""The `kldb` command: help for every option, presets, clear errors for bad input, and each subcommand end to end."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kldb import cli, sweep
+from kldb.presets import PAPER_ALPHAS, PAPER_BETAS, PAPER_NEGATIVE_PROMPT, get_preset
+
+TINY = ["--pipeline", "tiny", "--classes", "three", "two", "--steps", "4", "--interval", "2", "--batch-size", "2"]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args(list(argv))
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_option_of_every_command_has_help():
+    commands = subparsers()
+    assert set(commands) == {"generate", "sweep", "report", "compare", "demo"}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help and len(action.help) > 10, f"`kldb {name} {action.option_strings}` has no help"
+        assert parser.description
+
+
+def test_console_script_is_installed():
+    script = shutil.which("kldb", path=str(Path(sys.executable).parent))
+    assert script is not None, "run `pip install -e .` to install the `kldb` console script"
+    result = subprocess.run([script, "sweep", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--alphas" in result.stdout and "paper preset" in result.stdout
+
+
+def test_digits_preset_is_the_default():
+    config = cli.sweep_config_from_args(parse("sweep", "--out", "x"), grid=True)
+    assert config.pipeline == "digits" and config.classifier is None
+    assert config.class_subsets == [["three", "eight"]]
+    assert config.alphas == list(PAPER_ALPHAS) and config.betas == list(PAPER_BETAS)
+    assert config.seeds == list(range(16)) and config.dtype == "float32"
+
+
+def test_paper_preset():
+    config = cli.sweep_config_from_args(
+        parse("sweep", "--out", "x", "--preset", "paper", "--dtype", "float32"), grid=True
+    )
+    assert config.pipeline == "CompVis/stable-diffusion-v1-4"
+    assert config.classifier == "torchvision:resnet50:IMAGENET1K_V2"
+    assert config.class_subsets == [["Chihuahua", "papillon"]]
+    assert (config.num_inference_steps, config.kldb_guidance_interval) == (40, 5)
+    assert config.alphas == [0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0] and config.betas == [3.0, 6.0, 9.0]
+    assert config.guidance_rescale == 0.7
+    assert config.timestep_spacing == "trailing" and config.use_karras_sigmas is True
+    assert (
+        config.negative_prompt
+        == PAPER_NEGATIVE_PROMPT
+        == "blurry, deformed, low quality, watermark, text, extra limbs, ugly"
+    )
+    assert config.seeds[0] == 28 and config.kldb_gradient == "unet"
+
+
+def test_command_line_overrides_the_preset():
+    args = parse("generate", "--out", "x", "--preset", "paper", "--pipeline", "tiny", "--alpha", "0.3", "--no-karras",
+                 "--classes", "3", "2", "--num-images", "2", "--seed", "5")  # fmt: skip
+    config = cli.sweep_config_from_args(args, grid=False)
+    assert config.pipeline == "tiny" and config.classifier is None  # a pipeline given: its own classifier
+    assert config.alphas == [0.3] and config.betas == [get_preset("paper").beta]
+    assert config.use_karras_sigmas is False and config.class_subsets == [[3, 2]] and config.seeds == [5, 6]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--alphas", "0", "-0.1"], r"Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 but got [0.0, -0.1]"),
+        (["--alphas", "nan"], "Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 but got [nan]"),
+        (["--betas", "3", "3"], "Expected argument `betas` to be a non-empty list of distinct finite numbers >= 0 but got [3.0, 3.0]"),
+        (["--num-images", "0"], "Expected argument `--num-images` to be a positive integer but got 0"),
+        (["--seed", "-1"], "Expected argument `--seed` to be a non-negative integer but got -1"),
+        (["--steps", "0"], "Expected argument `num_inference_steps` to be a positive integer but got 0"),
+        (["--interval", "9"], "Expected argument `kldb_guidance_interval` to be at most num_inference_steps=4 but got 9"),
+        (["--batch-size", "0"], "Expected argument `batch_size` to be a positive integer but got 0"),
+        (["--guidance-rescale", "2"], "Expected argument `guidance_rescale` to be a number in [0, 1] but got 2.0"),
+        (["--height", "33"], "Expected argument `height` to be None or a positive multiple of 8 but got 33"),
+        (["--classes", "three", "eleven"], "`classes` contains 'eleven', which is not among the classifier's labels"),
+        (["--classes", "three", "three"], "Expected argument `classes` to be a non-empty sequence of distinct ints in [0, 4) but got [3, 3]"),
+        (["--classes", "3", "7"], "Expected argument `classes` to be a non-empty sequence of distinct ints in [0, 4) but got [3, 7]"),
+        (["--pipeline", "no_such_module:make"], "Expected argument `pipeline` to name an importable `module:function` but got 'no_such_module:make'"),
+        (["--classifier", "torchvision:resnet50:NOPE"], "Expected argument `classifier` to name weights of resnet50 among ['IMAGENET1K_V1', 'IMAGENET1K_V2'] but got 'NOPE'"),
+        (["--classifier", "torchvision:resnet50"], "Expected argument `classifier` to look like 'torchvision:<model>:<weights>'"),
+    ],
+)  # fmt: skip
+def test_sweep_input_errors(tmp_path, capsys, argv, message):
+    status, _, err = run_cli(
+        capsys, "sweep", "--out", str(tmp_path / "run"), *TINY, "--alphas", "0", "0.3", "--num-images", "2", *argv
+    )
+    assert status == cli.EXIT_USAGE
+    assert f"kldb sweep: error: {message}" in err
+    assert not (tmp_path / "run" / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
+        (["--alphas", "abc"], "argument --alphas: invalid float value: 'abc'"),
+        (["--gradient", "exact"], "argument --gradient: invalid choice: 'exact'"),
+    ],
+)
+def test_argparse_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", "--out", "x", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_sweep_report_compare(tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "generate", "--out", str(tmp_path / "one"), *TINY, "--alpha", "0.3", "--beta", "3",
+                             "--num-images", "3", "--no-progress")  # fmt: skip
+    assert status == 0 and "| three+two_alpha0.3_beta3.0 | 3 |" in out
+    assert len(sweep.read_jsonl(tmp_path / "one" / "manifest.jsonl")) == 3
+
+    run = tmp_path / "grid"
+    status, out, _ = run_cli(capsys, "sweep", "--out", str(run), *TINY, "--alphas", "0", "0.3", "--betas", "3",
+                             "--num-images", "3", "--no-progress")  # fmt: skip
+    assert status == 0 and "6 images in" in out
+    # the reference images for FID: real images of the classes, one folder per class name
+    for name in ("three", "two"):
+        (tmp_path / "real" / name).mkdir(parents=True)
+        for i, record in enumerate(sweep.read_jsonl(run / "manifest.jsonl")[:3]):
+            shutil.copy(run / record["file"], tmp_path / "real" / name / f"{i}.png")
+    status, out, _ = run_cli(capsys, "report", str(run), "--reference", str(tmp_path / "real"), "--per-setting", "2")
+    assert status == 0 and "| three / two | 3 | 0 |" in out
+    table = json.loads((run / "report" / "table1.json").read_text())
+    assert table["fid_feature"] == "classifier"
+    assert all(isinstance(table["rows"][0][k], float) for k in ("fid_baseline", "fid_best"))
+
+    # the same classifier as the pipeline's: the ambiguity carries over exactly (up to PNG quantisation)
+    status, out, _ = run_cli(capsys, "compare", str(run), "--classifier", "kldb.testing:tiny_classifier")
+    assert status == 0
+    summary = json.loads((run / "compare" / "summary.json").read_text())
+    assert summary["overall"]["kldb_spearman"] == pytest.approx(1.0)
+    assert summary["overall"]["top_set_agreement"] == 1.0 and summary["overall"]["prediction_agreement"] == 1.0
+    assert "| **all** | 6 |" in out
+
+
+def test_report_and_compare_errors(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "report", str(tmp_path / "missing"))
+    assert status == cli.EXIT_USAGE and "Expected argument `run` to be a sweep folder with a sweep.json" in err
+    run = tmp_path / "run"
+    assert (
+        run_cli(capsys, "sweep", "--out", str(run), *TINY, "--alphas", "0", "--num-images", "2", "--no-progress")[0]
+        == 0
+    )
+    status, _, err = run_cli(capsys, "report", str(run), "--reference-limit", "1")
+    assert status == cli.EXIT_USAGE and "Expected argument `--reference-limit` to be an integer >= 2 but got 1" in err
+    status, _, err = run_cli(capsys, "report", str(run), "--reference", str(tmp_path / "nowhere"))
+    assert status == cli.EXIT_USAGE and "Expected argument `reference` to be 'digits' or a folder of images" in err
+    status, _, err = run_cli(
+        capsys, "compare", str(run), "--classifier", "kldb.testing:tiny_classifier", "--batch-size", "0"
+    )
+    assert status == cli.EXIT_USAGE and "Expected argument `--batch-size` to be a positive integer but got 0" in err
+    status, _, err = run_cli(capsys, "compare", str(run), "--classifier", "sweep_fixtures:ten_class_classifier")
+    assert status == cli.EXIT_USAGE
+    assert "Expected the second classifier to have the run's 4 classes but it returns 10 logits" in err
+    status, _, err = run_cli(capsys, "compare", str(run), "--classifier", "sweep_fixtures:renamed_classifier")
+    assert status == cli.EXIT_USAGE
+    assert "Expected the second classifier to have the run's label names but class 0 is 'nought'" in err
+
+
+def test_full_disk_stops_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    def write(writer, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sweep.ManifestWriter, "_write", write)
+    status, _, err = run_cli(
+        capsys, "sweep", "--out", str(tmp_path / "run"), *TINY, "--alphas", "0", "--num-images", "2"
+    )
+    assert status == cli.EXIT_FAILURE
+    assert "kldb sweep: error: No space left on the device while writing" in err
+    assert "rerun the same command to resume" in err
+    assert (tmp_path / "run" / "manifest.rank0.jsonl").read_bytes() == b""
+
+
+def test_demo_subcommand(tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "demo", "--tiny", "--out", str(tmp_path / "demo"), "--num-images", "2",
+                             "--steps", "2", "--interval", "1")  # fmt: skip
+    assert status == 0 and "Median KLDB change with guidance" in out
+    assert (tmp_path / "demo" / "grid.png").is_file() and (tmp_path / "demo" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of a CLI sweep: exit 130 with a message, a consistent folder, and a resume."""
+    import signal
+    import time
+
+    from test_sweep import _environment, _lines_written, assert_complete, assert_consistent, config
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "kldb.cli", "sweep", "--out", str(out), *TINY, "--alphas", "0", "0.3", "--betas", "3",
+            "--num-images", "24", "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(argv, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and _lines_written(out) < 5 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == cli.EXIT_INTERRUPTED, err
+    assert "interrupted; what was written is complete. Rerun the same command to resume." in err
+    assert 5 <= len(assert_consistent(out)) < 48
+    finished = subprocess.run(argv, env=_environment(), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert_complete(out, config(out, seeds=24))
