@@ -1053,6 +1053,9 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 float16 gradients are loss-scaled so that they do not underflow; updates that still fail are
                 skipped and counted in `skipped_updates`.
 
+        Examples: see ``EXAMPLE_DOC_STRING`` at the top of this file (not inlined here, so that the doctest run of
+        the test suite, which cannot download Stable Diffusion, does not execute it).
+
         Returns:
             [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple
             `(images, nsfw_content_detected, kldb, entropy, probabilities, predicted_class, skipped_updates)`.
