@@ -1,6 +1,6 @@
 """Your own classifier: a plain `torch.nn.Module` with its own preprocessing, wrapped in `ImageClassifier`.
 
-Needs: a CUDA GPU with about 10 GB of memory, network access on the first run to download Stable Diffusion v1.4
+Needs: a CUDA GPU with about 10 GB of memory (an estimate), network access on the first run to download Stable Diffusion v1.4
 (about 5 GB), and this project installed (`pip install -e .`). Time: 40 k-LMS steps per image, a few seconds per
 image on a recent GPU (not measured here: the project's build machine has no GPU). Replace `ColourClassifier` and
 its preprocessing with your own model; load your trained weights with `load_state_dict` (safetensors recommended).

@@ -1,6 +1,6 @@
 """Any Hugging Face image classifier, and a three-class subset given by its label names.
 
-Needs: a CUDA GPU with about 12 GB of memory, network access on the first run to download Stable Diffusion v1.4
+Needs: a CUDA GPU with about 12 GB of memory (an estimate), network access on the first run to download Stable Diffusion v1.4
 (about 5 GB) and the classifier (google/vit-base-patch16-224, about 350 MB), and this project installed
 (`pip install -e .`). Time: 40 k-LMS steps per image, several seconds per guided image on a recent GPU (not measured
 here: the project's build machine has no GPU).

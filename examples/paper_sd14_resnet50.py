@@ -1,6 +1,6 @@
 """The paper's experiment: Stable Diffusion v1.4 + torchvision ResNet-50, on the Chihuahua / papillon boundary.
 
-Needs: a CUDA GPU with about 12 GB of memory (float16, one image at a time; the guided steps back-propagate through
+Needs: a CUDA GPU with about 12 GB of memory (an estimate; float16, one image at a time; the guided steps back-propagate through
 the UNet, the VAE decoder and ResNet-50), network access on the first run to download Stable Diffusion v1.4 (about
 5 GB) and ResNet-50's IMAGENET1K_V2 weights (about 100 MB), and this project installed (`pip install -e .`).
 Time: 40 k-LMS steps per image plus eight guided steps; a few seconds per prompt-only image and several times that

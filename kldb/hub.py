@@ -48,7 +48,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 CACHE_NAMES = (".cache", "__pycache__", ".ipynb_checkpoints", ".git", ".pytest_cache", ".ruff_cache", ".hypothesis")
 CACHE_SUFFIXES = (".lock", ".pyc", ".pyo", ".incomplete", ".tmp")
 #: Files read as text by the scan.
-TEXT_SUFFIXES = (".json", ".txt", ".md", ".py", ".yaml", ".yml", ".cfg", ".ini", ".toml", ".jinja", ".csv", ".tsv")
+TEXT_SUFFIXES = (
+    ".json", ".jsonl", ".txt", ".log", ".md", ".py", ".yaml", ".yml", ".cfg", ".ini", ".toml", ".jinja", ".csv", ".tsv",
+)  # fmt: skip
 #: Hugging Face user access tokens ("hf_" and 30+ letters and digits) and organisation API tokens.
 TOKEN_PATTERN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{30,}\b")
 #: JSON keys that name where a component was loaded from.
