@@ -630,6 +630,7 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
                 skipped += output.skipped_updates
                 for i, seed in enumerate(seeds):
                     record = _record(config, setting, seed, output, i, labels, len(seeds))
+                    record["process_index"] = state.process_index
                     path = out / record["file"]
                     with _stop_on_full_disk(path, generated):
                         save_png(path, output.images[i], _png_metadata(record))
