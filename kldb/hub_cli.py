@@ -77,6 +77,11 @@ def run_export(args: argparse.Namespace) -> int:
     if args.source == DIGITS_SOURCE:
         from kldb.digits import WORLD_PATH
 
+        if not (WORLD_PATH / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"The digits world is not trained yet (no model_index.json in {WORLD_PATH}); train it with "
+                f"`python -m kldb.digits.train --out {WORLD_PATH}` first."
+            )
         source = WORLD_PATH
     model_card: bool | Path = False if args.no_model_card else (args.model_card or True)
     results = args.results if args.results is None or len(args.results) > 1 else args.results[0]

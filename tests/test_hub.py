@@ -431,6 +431,15 @@ def test_cli_reports_refused_input(exported, tmp_path, capsys):
     assert "model_index.json" in capsys.readouterr().err
 
 
+def test_cli_export_digits_before_the_world_is_trained(monkeypatch, tmp_path, capsys):
+    from kldb import digits
+
+    monkeypatch.setattr(digits, "WORLD_PATH", tmp_path / "world")
+    assert hub_cli.main(["export", "digits", str(tmp_path / "out")]) == 1
+    assert "error: The digits world is not trained yet" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_mounts_into_another_parser():
     import argparse
 
