@@ -72,9 +72,11 @@ def score_records(
     batch_size: int = 64,
 ) -> list[dict[str, Any]]:
     """Rescore the PNGs of ``records`` with ``classifier``; one dict per image with its scores under A and B."""
+    from tqdm.auto import tqdm
+
     out = Path(run_dir)
     rows = []
-    for start in range(0, len(records), batch_size):
+    for start in tqdm(range(0, len(records), batch_size), desc="scoring", unit="batch", leave=False):
         chunk = records[start : start + batch_size]
         images = torch.stack([load_image(out / r["file"]) for r in chunk])  # (B, 3, H, W)
         logits = classifier(images)  # (B, n)

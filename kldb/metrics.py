@@ -413,8 +413,10 @@ def run_metrics(
         extractor = None
         if feature == "classifier":
             extractor = ClassifierFeatures(classifier if classifier is not None else run_classifier(run), size)
+        from tqdm.auto import tqdm
+
         cached: dict[tuple[int, ...], torch.Tensor] = {}
-        for row in rows:
+        for row in tqdm(rows, desc="FID", unit="setting", leave=False):
             group = groups[row["setting"]]
             if len(group) < 2:
                 logger.warning("Setting %s has fewer than 2 images: no FID.", row["setting"])
