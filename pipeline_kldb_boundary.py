@@ -56,7 +56,7 @@ EXAMPLE_DOC_STRING = """
         >>> processor = AutoImageProcessor.from_pretrained("microsoft/resnet-50")
         >>> pipe = DiffusionPipeline.from_pretrained(
         ...     "CompVis/stable-diffusion-v1-4",
-        ...     custom_pipeline="kldb_boundary",
+        ...     custom_pipeline="path/to/pipeline_kldb_boundary.py",  # "kldb_boundary" once in diffusers' community
         ...     classifier=classifier,
         ...     classifier_processor=processor,
         ...     torch_dtype=torch.float16,

@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 #: folder, and a Hub repo id or local folder given as ``custom_pipeline`` is read through its ``pipeline.py``.
 PIPELINE_FILE_NAMES = ("kldb_boundary.py", "pipeline.py")
 
-#: The pipeline's model card (Hub format); the exported folder carries it as ``README.md``.
-MODEL_CARD_PATH = Path(pipeline_kldb_boundary.__file__).resolve().parent / "model_card.md"
+#: The pipeline's model card (Hub format); the exported folder carries it as ``README.md``. It is the repository's
+#: top-level ``model_card.md``, packaged as ``kldb/model_card.md`` (a link to it in the source tree).
+MODEL_CARD_PATH = (Path(__file__).parent / "model_card.md").resolve()
 
 #: The section of the model card that :func:`export_folder` fills from ``world_info.json`` and results files.
 RESULTS_START = "<!-- kldb:results:start -->"
@@ -138,7 +139,7 @@ def _local_path_pattern(extra_paths: Sequence[str | os.PathLike[str]] = ()) -> r
     """A pattern matching the home folder, the project folder, the working folder and temporary folders as paths."""
     candidates = {
         str(Path.home()),
-        str(MODEL_CARD_PATH.parent),
+        str(Path(pipeline_kldb_boundary.__file__).resolve().parent),
         os.getcwd(),
         tempfile.gettempdir(),
         "/tmp",
