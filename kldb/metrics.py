@@ -89,9 +89,18 @@ def setting_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for setting, group in iter_settings(records).items():
         first = group[0]
-        kldb = summary_statistics([r["kldb"] for r in group])
-        entropy = summary_statistics([r["entropy"] for r in group])
-        margins = [m for m in (class_margin(r) for r in group) if m is not None]
+        scored = [r for r in group if r["kldb"] is not None and r["entropy"] is not None]
+        if not scored:
+            raise ValueError(
+                f"Expected setting {setting!r} to have at least one image with finite scores but it has none."
+            )
+        if len(scored) < len(group):
+            logger.warning(
+                "Setting %s: %d images without finite scores are left out.", setting, len(group) - len(scored)
+            )
+        kldb = summary_statistics([r["kldb"] for r in scored])
+        entropy = summary_statistics([r["entropy"] for r in scored])
+        margins = [m for m in (class_margin(r) for r in scored) if m is not None]
         predicted: dict[str, int] = {}
         for r in group:
             predicted[r["predicted_label"]] = predicted.get(r["predicted_label"], 0) + 1
@@ -103,6 +112,7 @@ def setting_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "alpha": float(first["alpha"]),
                 "beta": float(first["beta"]),
                 "n": len(group),
+                "n_scored": len(scored),
                 "median_kldb": kldb["median"],
                 "kldb_q25": kldb["q25"],
                 "kldb_q75": kldb["q75"],
@@ -112,7 +122,7 @@ def setting_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "entropy_q25": entropy["q25"],
                 "entropy_q75": entropy["q75"],
                 "entropy_iqr": entropy["iqr"],
-                "top_set_share": sum(top_set_is_classes(r) for r in group) / len(group),
+                "top_set_share": sum(top_set_is_classes(r) for r in scored) / len(scored),
                 "mean_class_margin": float(np.mean(margins)) if margins else None,
                 "predicted": dict(sorted(predicted.items(), key=lambda item: -item[1])),
             }

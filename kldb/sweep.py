@@ -687,18 +687,31 @@ def _record(
         "kldb_gradient": config.kldb_gradient,
         "guidance_rescale": config.guidance_rescale,
         "file": image_relpath(setting, seed),
-        "kldb": float(output.kldb[i]),
-        "entropy": float(output.entropy[i]),
-        "class_probabilities": [round(float(probabilities[c]), 8) for c in setting.classes],
+        "kldb": _finite_or_none(float(output.kldb[i]), "KLDB", setting, seed),
+        "entropy": _finite_or_none(float(output.entropy[i]), "entropy", setting, seed),
+        "class_probabilities": [_round(probabilities[c]) for c in setting.classes],
         "top_classes": [int(c) for c in top.indices],
         "top_labels": [labels[int(c)] for c in top.indices],
-        "top_probabilities": [round(float(p), 8) for p in top.values],
+        "top_probabilities": [_round(p) for p in top.values],
         "predicted_class": predicted,
         "predicted_label": labels[predicted],
         "num_classes": len(labels),
         "batch_size": batch,
         "batch_skipped_updates": int(output.skipped_updates),
     }
+
+
+def _round(probability: torch.Tensor) -> float | None:
+    value = float(probability)
+    return round(value, 8) if math.isfinite(value) else None
+
+
+def _finite_or_none(value: float, name: str, setting: Setting, seed: int) -> float | None:
+    """``value``, or ``None`` (JSON has no NaN) with a warning when the classifier gave a non-finite score."""
+    if math.isfinite(value):
+        return value
+    logger.warning("Non-finite %s (%s) for %s, seed %d: recorded as null.", name, value, setting.name, seed)
+    return None
 
 
 def _png_metadata(record: dict[str, Any]) -> dict[str, Any]:

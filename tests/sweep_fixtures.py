@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import PIL.Image
@@ -83,3 +84,20 @@ def renamed_classifier():
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {n: i for i, n in enumerate(names)}
     return model, processor
+
+
+class NaNClassifier(torch.nn.Module):
+    """A broken classifier over the tiny pipeline's four labels: its logits are NaN."""
+
+    labels: ClassVar[list[str]] = ["zero", "one", "two", "three"]
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3))[:, :1].repeat(1, 4) * self.scale * float("nan")  # (B, 4)
+
+
+def nan_classifier() -> NaNClassifier:
+    return NaNClassifier()

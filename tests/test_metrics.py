@@ -62,6 +62,14 @@ def test_setting_metrics_match_the_manifest(tmp_path):
         assert row["mean_class_margin"] == pytest.approx(float(np.mean(margins)), abs=1e-12)
 
 
+def test_images_without_finite_scores_are_left_out(tmp_path):
+    records = write_run(tmp_path / "run", seeds=5)[:5]
+    records[0] = {**records[0], "kldb": None, "entropy": None}
+    row = setting_metrics(records)[0]
+    assert (row["n"], row["n_scored"]) == (5, 4)
+    assert row["median_kldb"] == pytest.approx(statistics.median(r["kldb"] for r in records[1:]))
+
+
 def test_top_set_and_margin_by_hand():
     record = {"class_indices": [2, 0], "top_classes": [0, 2, 1], "class_probabilities": [0.3, 0.5]}
     assert metrics.top_set_is_classes(record) is True

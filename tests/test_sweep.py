@@ -337,3 +337,16 @@ def test_manifest_writer_keeps_a_complete_line_and_cuts_a_partial_one(tmp_path, 
             writer.append({"n": 3})
     assert read_jsonl(path) == [{"n": 1}, {"n": 2}]
     assert path.read_bytes().endswith(b"\n")
+
+
+def test_a_classifier_with_nan_logits_gives_null_scores_not_a_crash(tmp_path, caplog):
+    from kldb.metrics import setting_metrics
+
+    out = tmp_path / "run"
+    result = run_sweep(config(out, seeds=2, classifier="sweep_fixtures:nan_classifier"), progress=False)
+    assert result.generated == 4 and result.skipped_updates > 0
+    records = assert_complete(out, config(out, seeds=2))
+    assert all(r["kldb"] is None for r in records)  # (the pipeline scores the entropy of NaN logits as 0)
+    assert "Non-finite KLDB (nan)" in caplog.text
+    with pytest.raises(ValueError, match="to have at least one image with finite scores but it has none"):
+        setting_metrics(records)
