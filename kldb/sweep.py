@@ -281,6 +281,12 @@ def build_settings(config: SweepConfig, labels: Sequence[str]) -> list[Setting]:
         for beta in config.betas:
             for alpha in config.alphas:
                 settings.append(Setting(tuple(indices), names, float(alpha), float(beta)))
+    folders = [s.name for s in settings]
+    if len(set(folders)) != len(folders):
+        raise ValueError(
+            "Expected argument `class_subsets` to hold distinct class subsets (with distinct file-system names) but "
+            f"got {config.class_subsets!r}."
+        )
     return settings
 
 

@@ -300,6 +300,11 @@ def test_bad_config(tmp_path, overrides, match):
     assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
 
 
+def test_repeated_class_subset(tmp_path):
+    with pytest.raises(ValueError, match=r"Expected argument `class_subsets` to hold distinct class subsets .* but got"):
+        run_sweep(config(tmp_path / "run", class_subsets=[["three", "two"], [3, 2]]), progress=False)
+
+
 def test_unknown_class_name(tmp_path):
     with pytest.raises(ValueError, match=r"`classes` contains 'eleven', which is not among the classifier's labels"):
         run_sweep(config(tmp_path / "run", class_subsets=[["three", "eleven"]]), progress=False)
