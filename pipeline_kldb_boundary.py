@@ -164,8 +164,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     logits = _check_logits(logits)
     log_probs = torch.log_softmax(logits, dim=-1)
     probs = log_probs.exp()
-    # p log p -> 0 as p -> 0; written with where so that an exact zero (a -inf logit) gives 0, not nan
-    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
+    # p log p -> 0 as p -> 0: an exact zero (a -inf logit) gives 0, not nan; nan logits stay nan
+    return -torch.where(probs == 0, torch.zeros_like(probs), probs * log_probs).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -62,6 +62,12 @@ def test_zero_probability_entropy():
     assert torch.allclose(entropy(logits), torch.log(torch.tensor([2.0])))
 
 
+def test_nan_logits_give_nan_not_a_number_that_looks_valid():
+    logits = torch.tensor([[float("nan"), 0.0, 1.0], [0.0, 1.0, 2.0]])
+    assert torch.isnan(entropy(logits)[0]) and torch.isfinite(entropy(logits)[1])
+    assert torch.isnan(kldb_score(logits, [0, 1])[0]) and torch.isfinite(kldb_score(logits, [0, 1])[1])
+
+
 def test_half_precision_logits_are_scored_in_float32():
     logits = torch.randn(4, 6).half()
     assert kldb_score(logits, [1, 2]).dtype == torch.float32

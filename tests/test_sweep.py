@@ -351,7 +351,7 @@ def test_a_classifier_with_nan_logits_gives_null_scores_not_a_crash(tmp_path, ca
     result = run_sweep(config(out, seeds=2, classifier="sweep_fixtures:nan_classifier"), progress=False)
     assert result.generated == 4 and result.skipped_updates > 0
     records = assert_complete(out, config(out, seeds=2))
-    assert all(r["kldb"] is None for r in records)  # (the pipeline scores the entropy of NaN logits as 0)
+    assert all(r["kldb"] is None and r["entropy"] is None for r in records)
     assert "Non-finite KLDB (nan)" in caplog.text
     with pytest.raises(ValueError, match="to have at least one image with finite scores but it has none"):
         setting_metrics(records)
