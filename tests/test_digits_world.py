@@ -194,3 +194,19 @@ def test_shipped_folder_is_small_and_safetensors_only():
     files = [path for path in digits.WORLD_PATH.rglob("*") if path.is_file()]
     assert sum(path.stat().st_size for path in files) <= 20 * 1024 * 1024
     assert not [path for path in files if path.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
+
+
+def test_shipped_world_exported_loads_as_custom_pipeline(shipped, tmp_path: Path):
+    from diffusers import DiffusionPipeline
+
+    from kldb.hub import write_pipeline_folder
+
+    pipeline, info = shipped
+    exported = write_pipeline_folder(pipeline, tmp_path / "exported")
+    loaded = DiffusionPipeline.from_pretrained(exported, custom_pipeline="kldb_boundary", trust_remote_code=True)
+    assert type(loaded).__name__ == "KLDBBoundaryPipeline" and loaded.classifier is not None
+    output = loaded(
+        "three", num_inference_steps=2, kldb_guidance_scale=0.0, guidance_scale=info["default_guidance_scale"],
+        output_type="pt", generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert output.images.shape == (1, 3, 32, 32) and output.predicted_class.shape == (1,)
