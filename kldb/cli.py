@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=int, default=5, help="guidance every k steps (default: 5)")
     demo.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
     demo.add_argument("--tiny", action="store_true", help="tiny random components instead of the digits world")
+
+    from kldb.hub_cli import add_hub_commands
+
+    add_hub_commands(commands)  # `kldb export` and `kldb publish`
     return parser
 
 
@@ -367,7 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_report(args)
         if args.command == "compare":
             return _run_compare(args)
-        return _run_demo(args)
+        if args.command == "demo":
+            return _run_demo(args)
+        return args.handler(args)  # export, publish
     except SweepDiskFullError as error:
         print(f"{prog}: error: {error.strerror}", file=sys.stderr)
         return EXIT_FAILURE

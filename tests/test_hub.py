@@ -448,3 +448,14 @@ def test_cli_mounts_into_another_parser():
     args = parser.parse_args(["publish", "folder", "someone/x", "--dry-run"])
     assert args.handler is hub_cli.run_publish and args.dry_run and args.repo_id == "someone/x"
     assert hub.PIPELINE_FILE_NAMES == ("kldb_boundary.py", "pipeline.py")
+
+
+def test_kldb_console_script_has_export_and_publish(saved, tmp_path, capsys):
+    from kldb import cli
+
+    out = tmp_path / "export-via-kldb"
+    assert cli.main(["export", str(saved), str(out), "--repo-id", "someone/kldb-main-cli"]) == 0
+    assert (out / "kldb_boundary.py").is_file() and (out / "pipeline.py").is_file()
+    assert cli.main(["publish", str(out), "someone/kldb-main-cli", "--dry-run"]) == 0
+    assert "Would upload" in capsys.readouterr().out
+    assert cli.main(["publish", str(tmp_path / "missing"), "someone/x", "--dry-run"]) != 0
