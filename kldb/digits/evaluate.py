@@ -186,10 +186,12 @@ def evaluate_table(
     batch_size: int,
     kldb_gradient: str,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    known_rows: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The paper's Table 1 on the digits world: median KLDB, entropy and FID per (beta, alpha), same seeds.
 
-    `on_row` is called with the table so far after every setting (to save partial results).
+    `on_row` is called with the table so far after every setting (to save partial results). Settings found in
+    `known_rows` (rows of a table measured with the same images, steps, interval and gradient) are reused.
     """
     real_images, real_labels = load_digits_split("test", seed)
     in_classes = torch.isin(real_labels, torch.tensor(TABLE_CLASSES))
@@ -208,6 +210,11 @@ def evaluate_table(
     }
     for beta in betas:
         for alpha in tqdm(alphas, desc=f"table beta={beta:g}"):
+            known = next((row for row in known_rows if row["beta"] == beta and row["alpha"] == alpha), None)
+            if known is not None:
+                table["rows"].append(dict(known))
+                table["summary"] = summarize_table(table["rows"])
+                continue
             started = time.perf_counter()
             result = generate(
                 pipeline, TABLE_PROMPT, num_images, seed, beta, steps, batch_size, classes=list(TABLE_CLASSES),
@@ -238,6 +245,48 @@ def evaluate_table(
             if on_row is not None:
                 on_row(table)
     return table
+
+
+def table_markdown(table: dict[str, Any], title: str) -> list[str]:
+    """Markdown lines of one (beta, alpha) table and its best-alpha summary."""
+    lines = [
+        f'## {title}: prompt "{table["prompt"]}", classes {table["classes"]}, '
+        f"{table['images_per_setting']} images per setting, {table['num_inference_steps']} LMS steps, "
+        f"interval {table['kldb_guidance_interval']}, guidance gradient `{table['kldb_gradient']}`",
+        "",
+        f"FID against {table['real_reference']}, in the classifier's penultimate feature space (which separates "
+        "the audited classes, so images moved toward their boundary move away from both classes' real features).",
+        "",
+        "| beta | alpha | median KLDB | KLDB IQR | median entropy | FID | in {3, 8} | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table["rows"]:
+        lines.append(
+            f"| {row['beta']:g} | {row['alpha']:g} | {row['median_kldb']:.4f} | "
+            f"[{row['kldb_q25']:.4f}, {row['kldb_q75']:.4f}] | {row['median_entropy']:.4f} | {row['fid']:.3f} | "
+            f"{row['fraction_predicted_in_classes']:.2f} | {row['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Best alpha per beta (lowest median KLDB among alpha > 0 whose FID is at most "
+        f"{100 * table['fid_tolerance']:.0f}% above alpha = 0's, if any):",
+        "",
+        "| beta | best alpha | median KLDB alpha=0 -> best | change | FID alpha=0 -> best | change | "
+        "median entropy alpha=0 -> best |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for item in table["summary"]:
+        lines.append(
+            f"| {item['beta']:g} | {item['best_alpha']:g}{'' if item['best_alpha_within_fid_tolerance'] else ' (*)'} | "
+            f"{item['median_kldb_alpha0']:.4f} -> {item['median_kldb_best']:.4f} | "
+            f"{100 * item['kldb_relative_change']:+.1f}% | {item['fid_alpha0']:.3f} -> {item['fid_best']:.3f} | "
+            f"{100 * item['fid_relative_change']:+.1f}% | "
+            f"{item['median_entropy_alpha0']:.4f} -> {item['median_entropy_best']:.4f} |"
+        )
+    if not all(item["best_alpha_within_fid_tolerance"] for item in table["summary"]):
+        lines += ["", "(*) no alpha > 0 kept the FID within the tolerance; the lowest-KLDB alpha is shown."]
+    lines.append("")
+    return lines
 
 
 def results_markdown(info: dict[str, Any]) -> str:
@@ -271,41 +320,10 @@ def results_markdown(info: dict[str, Any]) -> str:
         f"FID (classifier penultimate features) of all generated digits against the real test split: "
         f"{fidelity['fid_vs_test']:.3f}",
         "",
-        f'## Table 1 on digits: prompt "{table["prompt"]}", classes {table["classes"]}, '
-        f"{table['images_per_setting']} images per setting, {table['num_inference_steps']} LMS steps, "
-        f"interval {table['kldb_guidance_interval']}, guidance gradient `{table['kldb_gradient']}`",
-        "",
-        f"FID against {table['real_reference']}.",
-        "",
-        "| beta | alpha | median KLDB | KLDB IQR | median entropy | FID | in {3, 8} | s |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in table["rows"]:
-        lines.append(
-            f"| {row['beta']:g} | {row['alpha']:g} | {row['median_kldb']:.4f} | "
-            f"[{row['kldb_q25']:.4f}, {row['kldb_q75']:.4f}] | {row['median_entropy']:.4f} | {row['fid']:.3f} | "
-            f"{row['fraction_predicted_in_classes']:.2f} | {row['seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Best alpha per beta (lowest median KLDB among alpha > 0 whose FID is at most "
-        f"{100 * table['fid_tolerance']:.0f}% above alpha = 0's, if any):",
-        "",
-        "| beta | best alpha | median KLDB alpha=0 -> best | change | FID alpha=0 -> best | change | "
-        "median entropy alpha=0 -> best |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for item in table["summary"]:
-        lines.append(
-            f"| {item['beta']:g} | {item['best_alpha']:g}{'' if item['best_alpha_within_fid_tolerance'] else ' (*)'} | "
-            f"{item['median_kldb_alpha0']:.4f} -> {item['median_kldb_best']:.4f} | "
-            f"{100 * item['kldb_relative_change']:+.1f}% | {item['fid_alpha0']:.3f} -> {item['fid_best']:.3f} | "
-            f"{100 * item['fid_relative_change']:+.1f}% | "
-            f"{item['median_entropy_alpha0']:.4f} -> {item['median_entropy_best']:.4f} |"
-        )
-    if not all(item["best_alpha_within_fid_tolerance"] for item in table["summary"]):
-        lines += ["", "(*) no alpha > 0 kept the FID within the tolerance; the lowest-KLDB alpha is shown."]
-    lines.append("")
+    lines += table_markdown(table, "Table 1 on digits")
+    for name, extra in evaluation.get("extra_tables", {}).items():
+        lines += table_markdown(extra, f"Extra table `{name}`")
     return "\n".join(lines)
 
 
@@ -352,6 +370,35 @@ def evaluate_world(
     return info
 
 
+def evaluate_extra_table(
+    path: Path, name: str, betas: Sequence[float], alphas: Sequence[float], images_per_setting: int, steps: int,
+    interval: int, batch_size: int, kldb_gradient: str,
+) -> dict[str, Any]:  # fmt: skip
+    """A further (beta, alpha) grid, stored as ``evaluation.extra_tables[name]``; settings of the main table with
+    the same images, steps, interval and gradient are reused (same seeds give the same images)."""
+    info = world_info(path)
+    main_table = info.get("evaluation", {}).get("table", {})
+    same_settings = all(
+        main_table.get(key) == value
+        for key, value in [
+            ("images_per_setting", images_per_setting), ("num_inference_steps", steps),
+            ("kldb_guidance_interval", interval), ("kldb_gradient", kldb_gradient),
+        ]
+    )  # fmt: skip
+    pipeline = load_pipeline(path)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def save(table: dict[str, Any]) -> None:
+        current = world_info(path)  # re-read: only this table is written
+        current.setdefault("evaluation", {}).setdefault("extra_tables", {})[name] = table
+        write_results(path, current)
+
+    return evaluate_table(
+        pipeline, ClassifierProbe(pipeline), info["seed"], images_per_setting, betas, alphas, steps, interval,
+        batch_size, kldb_gradient, on_row=save, known_rows=main_table.get("rows", []) if same_settings else (),
+    )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=Path, default=WORLD_PATH, help="world folder (default: the shipped one)")
@@ -365,11 +412,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="how the guidance gradient treats the noise prediction (see the pipeline's `kldb_gradient`)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--extra-table", default=None, metavar="NAME",
+        help="only measure a further (beta, alpha) grid, stored as evaluation.extra_tables[NAME]",
+    )  # fmt: skip
+    parser.add_argument("--betas", type=float, nargs="+", default=list(TABLE_BETAS), help="with --extra-table")
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(TABLE_ALPHAS), help="with --extra-table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.extra_table is not None:
+        evaluate_extra_table(
+            args.world, args.extra_table, args.betas, args.alphas, args.images_per_setting, args.steps, args.interval,
+            args.batch_size, args.kldb_gradient,
+        )  # fmt: skip
+        print(results_markdown(world_info(args.world)))
+        return
     info = evaluate_world(
         args.world, args.images_per_setting, args.images_per_digit, args.steps, args.interval, args.batch_size,
         args.kldb_gradient,
