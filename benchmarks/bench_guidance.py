@@ -231,10 +231,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
         return None
