@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--alpha", type=float, default=0.1, help="KLDB guidance strength of the guided row (default: 0.1)"
     )
-    demo.add_argument("--beta", type=float, default=None, help="classifier-free guidance scale (default: the world's)")
+    demo.add_argument("--beta", type=float, default=None, help="classifier-free guidance scale (default: 6)")
     demo.add_argument("--steps", type=int, default=40, help="k-LMS steps (default: 40)")
     demo.add_argument("--interval", type=int, default=5, help="guidance every k steps (default: 5)")
     demo.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")

@@ -33,9 +33,8 @@ def load_demo_pipeline(tiny: bool = False) -> tuple[Any, list[str], dict[str, An
 
         if (digits.WORLD_PATH / "model_index.json").is_file():
             pipe = digits.load_pipeline()
-            info = digits.world_info() if (digits.WORLD_PATH / "world_info.json").is_file() else {}
-            defaults = {"guidance_scale": float(info.get("default_guidance_scale", 6.0))}
-            return pipe, ["three", "eight"], defaults, "digits world"
+            # beta 6: the middle of the paper's grid and the digits preset's beta
+            return pipe, ["three", "eight"], {"guidance_scale": 6.0}, "digits world"
         logger.warning("The digits world is not trained yet (no kldb/digits/world); using tiny random components.")
     from kldb.testing import tiny_pipeline
 
@@ -156,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--num-images", type=int, default=16, help="images per setting (default: 16)")
     parser.add_argument("--alpha", type=float, default=0.1, help="KLDB guidance scale of the guided row (default: 0.1)")
-    parser.add_argument("--beta", type=float, default=None, help="classifier-free guidance scale (default: the world's)")
+    parser.add_argument("--beta", type=float, default=None, help="classifier-free guidance scale (default: 6)")
     parser.add_argument("--steps", type=int, default=40, help="k-LMS steps (default: 40)")
     parser.add_argument("--interval", type=int, default=5, help="guidance every k steps (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
