@@ -155,15 +155,19 @@ def evaluate_fidelity(
     }
 
 
-def summarize_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best alpha per beta: the lowest median KLDB among alpha > 0 whose FID is within the tolerance, if any."""
+def summarize_table(rows: Sequence[dict[str, Any]], fid_key: str = "fid") -> list[dict[str, Any]]:
+    """Best alpha per beta: the lowest median KLDB among alpha > 0 whose FID (`fid_key`) is within the tolerance.
+
+    Without such an alpha, the lowest-KLDB alpha > 0. Rows that lack `fid_key` are left out.
+    """
+    rows = [row for row in rows if fid_key in row]
     summary = []
     for beta in sorted({row["beta"] for row in rows}):
         baseline = next((row for row in rows if row["beta"] == beta and row["alpha"] == 0.0), None)
         guided = [row for row in rows if row["beta"] == beta and row["alpha"] > 0.0]
         if baseline is None or not guided:
             continue
-        within = [row for row in guided if row["fid"] <= (1.0 + FID_TOLERANCE) * baseline["fid"]]
+        within = [row for row in guided if row[fid_key] <= (1.0 + FID_TOLERANCE) * baseline[fid_key]]
         best = min(within or guided, key=lambda row: row["median_kldb"])
         summary.append(
             {
@@ -173,9 +177,10 @@ def summarize_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "median_kldb_alpha0": baseline["median_kldb"],
                 "median_kldb_best": best["median_kldb"],
                 "kldb_relative_change": best["median_kldb"] / baseline["median_kldb"] - 1.0,
-                "fid_alpha0": baseline["fid"],
-                "fid_best": best["fid"],
-                "fid_relative_change": best["fid"] / baseline["fid"] - 1.0,
+                "fid_kind": fid_key,
+                "fid_alpha0": baseline[fid_key],
+                "fid_best": best[fid_key],
+                "fid_relative_change": best[fid_key] / baseline[fid_key] - 1.0,
                 "median_entropy_alpha0": baseline["median_entropy"],
                 "median_entropy_best": best["median_entropy"],
             }
@@ -252,6 +257,7 @@ def evaluate_table(
             }
             table["rows"].append(row)
             table["summary"] = summarize_table(table["rows"])
+            table["summary_pixels"] = summarize_table(table["rows"], "fid_pixels")
             logger.info(
                 "beta %g alpha %g: median KLDB %.4f, median entropy %.4f, FID %.3f (%.0f s)",
                 beta, alpha, row["median_kldb"], row["median_entropy"], row["fid"], row["seconds"],
@@ -259,6 +265,28 @@ def evaluate_table(
             if on_row is not None:
                 on_row(table)
     return table
+
+
+def summary_markdown(summary: Sequence[dict[str, Any]], space: str, tolerance: float) -> list[str]:
+    """Markdown lines of a best-alpha-per-beta summary, judged by the FID named `space`."""
+    lines = [
+        "",
+        f"Best alpha per beta by {space}: the lowest median KLDB among alpha > 0 whose {space} is at most "
+        f"{100 * tolerance:.0f}% above alpha = 0's ((*): no such alpha; the lowest-KLDB alpha is shown).",
+        "",
+        f"| beta | best alpha | median KLDB alpha=0 -> best | change | {space} alpha=0 -> best | change | "
+        "median entropy alpha=0 -> best |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for item in summary:
+        lines.append(
+            f"| {item['beta']:g} | {item['best_alpha']:g}{'' if item['best_alpha_within_fid_tolerance'] else ' (*)'} | "
+            f"{item['median_kldb_alpha0']:.4f} -> {item['median_kldb_best']:.4f} | "
+            f"{100 * item['kldb_relative_change']:+.1f}% | {item['fid_alpha0']:.3f} -> {item['fid_best']:.3f} | "
+            f"{100 * item['fid_relative_change']:+.1f}% | "
+            f"{item['median_entropy_alpha0']:.4f} -> {item['median_entropy_best']:.4f} |"
+        )
+    return lines
 
 
 def table_markdown(table: dict[str, Any], title: str) -> list[str]:
@@ -284,25 +312,9 @@ def table_markdown(table: dict[str, Any], title: str) -> list[str]:
             f"[{row['kldb_q25']:.4f}, {row['kldb_q75']:.4f}] | {row['median_entropy']:.4f} | {row['fid']:.3f} | "
             f"{fid_pixels} | {row['fraction_predicted_in_classes']:.2f} | {row['seconds']:.0f} |"
         )
-    lines += [
-        "",
-        f"Best alpha per beta (lowest median KLDB among alpha > 0 whose FID is at most "
-        f"{100 * table['fid_tolerance']:.0f}% above alpha = 0's, if any):",
-        "",
-        "| beta | best alpha | median KLDB alpha=0 -> best | change | FID alpha=0 -> best | change | "
-        "median entropy alpha=0 -> best |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for item in table["summary"]:
-        lines.append(
-            f"| {item['beta']:g} | {item['best_alpha']:g}{'' if item['best_alpha_within_fid_tolerance'] else ' (*)'} | "
-            f"{item['median_kldb_alpha0']:.4f} -> {item['median_kldb_best']:.4f} | "
-            f"{100 * item['kldb_relative_change']:+.1f}% | {item['fid_alpha0']:.3f} -> {item['fid_best']:.3f} | "
-            f"{100 * item['fid_relative_change']:+.1f}% | "
-            f"{item['median_entropy_alpha0']:.4f} -> {item['median_entropy_best']:.4f} |"
-        )
-    if not all(item["best_alpha_within_fid_tolerance"] for item in table["summary"]):
-        lines += ["", "(*) no alpha > 0 kept the FID within the tolerance; the lowest-KLDB alpha is shown."]
+    for summary, space in [(table["summary"], "FID"), (table.get("summary_pixels", []), "FID (8x8 pixels)")]:
+        if summary:
+            lines += summary_markdown(summary, space, table["fid_tolerance"])
     lines.append("")
     return lines
 
@@ -436,11 +448,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--betas", type=float, nargs="+", default=list(TABLE_BETAS), help="with --extra-table")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(TABLE_ALPHAS), help="with --extra-table")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="recompute the best-alpha summaries from world_info.json and rewrite RESULTS.md; generate nothing",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.report_only:
+        info = world_info(args.world)
+        evaluation = info["evaluation"]
+        for table in [evaluation["table"], *evaluation.get("extra_tables", {}).values()]:
+            table["summary"] = summarize_table(table["rows"])
+            table["summary_pixels"] = summarize_table(table["rows"], "fid_pixels")
+        write_results(args.world, info)
+        print(results_markdown(info))
+        return
     if args.extra_table is not None:
         evaluate_extra_table(
             args.world, args.extra_table, args.betas, args.alphas, args.images_per_setting, args.steps, args.interval,
