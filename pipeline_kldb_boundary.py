@@ -138,7 +138,9 @@ def kldb_score(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     indices = check_classes(classes, logits.shape[-1])
     log_probs = torch.log_softmax(logits, dim=-1)[:, indices]  # (B, |C|)
     log_size = torch.log(torch.tensor(float(len(indices)), dtype=logits.dtype, device=logits.device))
-    score = -log_size - log_probs.mean(dim=-1)
+    # -(log p_i + log|C|) averaged, rather than -log|C| - mean(log p_i): at exact uniformity every term is 0 before
+    # the average, so the score is exactly 0 and not a rounding of log|C| minus itself
+    score = -(log_probs + log_size).mean(dim=-1)
     # mathematically >= 0: the clamp removes float rounding below zero from the value only, so that the gradient
     # (softmax - uniform over C) is kept right at the boundary, where the value rounds to 0
     return score + (score.clamp_min(0.0) - score).detach()

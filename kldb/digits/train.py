@@ -560,7 +560,6 @@ def folder_size_bytes(folder: Path) -> int:
 def build_world(out: Path, seed: int, config: WorldConfig) -> dict:
     """Train every component from `seed` and write the world folder and its ``world_info.json``."""
     seed_everything(seed)
-    torch.set_flush_denormal(True)  # denormal floats slow CPU training down several-fold
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -661,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # denormal floats slow CPU training down several-fold; set here, for this process only (it is global state)
+    torch.set_flush_denormal(True)
     config = WorldConfig.tiny() if args.tiny else WorldConfig()
     if args.unet_iterations is not None:
         config.unet_iterations = args.unet_iterations
