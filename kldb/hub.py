@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline_kldb_boundary
+from kldb.io import default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def _staged_folder(destination: Path) -> Iterator[Path]:
     """Yield an empty staging folder beside ``destination``; on success it replaces ``destination`` in one rename."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    staging.chmod(default_mode(directory=True))  # mkdtemp makes it private; the export is an ordinary folder
     try:
         yield staging
         if destination.exists():
