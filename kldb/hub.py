@@ -368,6 +368,15 @@ def _load_results(results: Any) -> str:
     return render_demo_results(json.loads(text)) if path.suffix.lower() == ".json" else text.strip()
 
 
+#: The results section of an exported card whose weights come with no measurements: the repository's card shows the
+#: digits world's figures, which must not be presented as those of other weights.
+NOT_MEASURED = (
+    "**Not measured for these weights.** This section is filled by `kldb.hub.export_folder` (and `kldb export`) from "
+    "the exported world's `world_info.json`, and from a `RESULTS.md` or a demo `report.json` when one is given. This "
+    "copy was exported without them."
+)
+
+
 def render_results_section(world_info: dict[str, Any] | None = None, results: Sequence[str] = ()) -> str | None:
     """The body of the model card's results section, or ``None`` when there is nothing measured to put there."""
     parts: list[str] = []
@@ -386,15 +395,14 @@ def render_model_card(
     template: str, repo_id: str | None = None, world_info: dict[str, Any] | None = None, results: Sequence[str] = ()
 ) -> str:
     """Fill the model card ``template``: the results section (when something is measured) and the repo id."""
-    body = render_results_section(world_info, results)
-    if body is not None:
-        start, end = template.find(RESULTS_START), template.find(RESULTS_END)
-        if start < 0 or end < start:
-            raise ValueError(
-                f"Expected argument `model_card` to contain the markers {RESULTS_START} and {RESULTS_END} around its "
-                "results section but they are missing."
-            )
-        template = f"{template[: start + len(RESULTS_START)]}\n{body}\n{template[end:]}"
+    body = render_results_section(world_info, results) or NOT_MEASURED
+    start, end = template.find(RESULTS_START), template.find(RESULTS_END)
+    if start < 0 or end < start:
+        raise ValueError(
+            f"Expected argument `model_card` to contain the markers {RESULTS_START} and {RESULTS_END} around its "
+            "results section but they are missing."
+        )
+    template = f"{template[: start + len(RESULTS_START)]}\n{body}\n{template[end:]}"
     if repo_id is not None:
         template = template.replace(CARD_REPO_ID, repo_id)
     return template

@@ -243,7 +243,18 @@ def test_export_errors(saved, tiny_pipe, tmp_path):
 def test_model_card_without_markers_is_refused():
     with pytest.raises(ValueError, match="to contain the markers"):
         render_model_card("# card", world_info=WORLD_INFO)
-    assert render_model_card("# card") == "# card"  # nothing measured: nothing to fill
+    with pytest.raises(ValueError, match="to contain the markers"):
+        render_model_card("# card")  # nothing measured: the section still has to say so
+
+
+def test_unmeasured_weights_never_show_the_repositorys_figures():
+    from kldb.hub import MODEL_CARD_PATH, NOT_MEASURED, RESULTS_END, RESULTS_START
+
+    template = MODEL_CARD_PATH.read_text(encoding="utf-8")
+    assert "three and eight" in template.split(RESULTS_START)[1].split(RESULTS_END)[0]  # the digits world's figures
+    card = render_model_card(template)
+    section = card.split(RESULTS_START)[1].split(RESULTS_END)[0]
+    assert section.strip() == NOT_MEASURED
 
 
 # ----------------------------------------------------------------------------------------------------------------------
