@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from kldb import digits
 from kldb.digits.calibration import expected_calibration_error, fit_temperature
 from kldb.digits.data import augment, load_digits_split, split_indices
-from kldb.digits.evaluate import frechet_distance
 from kldb.digits.train import VOCABULARY_WORDS, WorldConfig, build_tokenizer, build_world
+from kldb.metrics import frechet_distance
 
 ACCURACY_MARGIN = 0.04
 
@@ -97,7 +97,7 @@ def test_frechet_distance_of_shifted_features_is_squared_shift():
 
 
 def test_frechet_distance_rejects_mismatched_features():
-    with pytest.raises(ValueError, match=r"Expected two feature arrays \[N, d\] with the same d and N >= 2"):
+    with pytest.raises(ValueError, match=r"to be \[N, d\] arrays with the same d and N >= 2 but got \(5, 3\) and \(5, 4\)"):
         frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
 
 

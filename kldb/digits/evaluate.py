@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from kldb.digits import WORLD_PATH, load_pipeline, world_info
 from kldb.digits.calibration import expected_calibration_error
 from kldb.digits.data import LABELS, load_digits_split
+from kldb.metrics import frechet_distance
 
 logger = logging.getLogger(__name__)
 
@@ -30,28 +31,6 @@ TABLE_CLASSES: tuple[int, ...] = (3, 8)
 TABLE_BETAS: tuple[float, ...] = (3.0, 6.0, 9.0)
 TABLE_ALPHAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0)
 FID_TOLERANCE = 0.10
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets ``[N, d]`` (Heusel et al., 2017), in float64.
-
-    .. math:: \\lVert \\mu_a - \\mu_b \\rVert^2 + \\operatorname{tr}\\left(\\Sigma_a + \\Sigma_b - 2 (\\Sigma_a \\Sigma_b)^{1/2}\\right)
-    """
-    from scipy import linalg
-
-    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(
-            f"Expected two feature arrays [N, d] with the same d and N >= 2 but got {a.shape} and {b.shape}."
-        )
-    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(cov_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    covmean = np.real(covmean)
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
 
 
 def digit_pixels(images: torch.Tensor) -> np.ndarray:
