@@ -670,7 +670,7 @@ class KLDBGuidanceCallback(PipelineCallback):
         return -self.guidance_scale * g_star, ok
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
-        if getattr(self, "_captured_step", None) != step_index:
+        if self._captured_step != step_index:  # not captured yet: used alone, outside the pipeline's chain
             self.capture(pipeline, step_index, callback_kwargs)
         latents = callback_kwargs["latents"]  # (B, c, h, w), the input of step step_index + 1
         step = step_index + 1  # 1-based number of the step that just ended
