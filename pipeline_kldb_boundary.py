@@ -38,7 +38,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -392,10 +392,6 @@ class ImageClassifier(torch.nn.Module):
 
 
 def _is_transformers_classifier(model: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency of this pipeline
-        return False
     return isinstance(model, PreTrainedModel) and hasattr(getattr(model, "config", None), "id2label")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kldb.presets import PRESETS, Preset, get_preset
+from pipeline_kldb_boundary import GRADIENT_MODES
 
 logger = logging.getLogger("kldb.cli")
 
@@ -87,7 +88,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, grid: bool) -> None
     parser.add_argument("--interval", type=int, help=f"KLDB guidance every k steps {both('kldb_guidance_interval')}")
     parser.add_argument(
         "--gradient",
-        choices=("unet", "detached"),
+        choices=GRADIENT_MODES,
         help="'unet': gradient through the noise prediction (the authors' code); 'detached': the step's own noise "
         f"prediction without its Jacobian, cheaper {both('kldb_gradient')}",
     )

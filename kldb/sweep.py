@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from kldb.io import atomic_write_json, save_png
+from pipeline_kldb_boundary import GRADIENT_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ CONFIG_NAME = "sweep.json"
 IMAGES_DIR = "images"
 PART_PATTERN = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 TEMP_PATTERN = re.compile(r"^\..+\.tmp$")
-GRADIENT_MODES = ("unet", "detached")
 TOP_K = 5  # classes recorded per image with their probabilities (at least |C|)
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 # fields of SweepConfig that change the images: a resumed run must use the same values

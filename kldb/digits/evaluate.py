@@ -23,6 +23,7 @@ from kldb.digits import WORLD_PATH, load_pipeline, world_info
 from kldb.digits.calibration import expected_calibration_error
 from kldb.digits.data import LABELS, load_digits_split
 from kldb.metrics import frechet_distance
+from pipeline_kldb_boundary import GRADIENT_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
-        "--kldb-gradient", choices=["unet", "detached"], default="detached",
+        "--kldb-gradient", choices=GRADIENT_MODES, default="detached",
         help="how the guidance gradient treats the noise prediction (see the pipeline's `kldb_gradient`)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
