@@ -24,8 +24,8 @@ This file is self-contained on purpose: diffusers loads it alone as a community 
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -484,14 +484,37 @@ def kldb_guidance_gradient(
     z = z.detach().requires_grad_(True)
     eps = predict_eps(z) if eps is None else eps.detach()
     x0 = z - sigma * eps  # (B, c, h, w) predicted clean latent
-    image = (decode(x0) / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
-    loss = kldb_score(classify(image), classes)  # (B,)
-    # a non-finite loss of one image must not poison the others' gradients through the sum
-    total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
-    if not total.requires_grad:  # every loss non-finite, or a classifier cut from the graph
-        return torch.zeros_like(z), loss.detach()
-    (grad,) = torch.autograd.grad(total * loss_scale, z)
-    grad = torch.where(torch.isfinite(loss).view(-1, *[1] * (z.ndim - 1)), grad, torch.full_like(grad, float("nan")))
+    return kldb_backward(x0, z, classes, decode, classify, loss_scale)
+
+
+def kldb_backward(
+    x0: torch.Tensor,
+    wrt: torch.Tensor,
+    classes: Sequence[int],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    classify: Callable[[torch.Tensor], torch.Tensor],
+    loss_scale: float = 1.0,
+    retain_graph: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient with respect to ``wrt`` of the batch-summed KLDB of the predicted clean latent ``x0``.
+
+    ``x0`` ``(B, c, h, w)`` is a function of ``wrt`` (``B`` rows, sample ``i`` of ``x0`` depending on row ``i`` of
+    ``wrt`` only). Decodes, maps to ``[0, 1]``, classifies. A sample whose KLDB is not finite gets a nan gradient and
+    does not touch the others'. ``retain_graph`` keeps the graph up to ``x0`` for another backward pass.
+
+    Returns:
+        ``(grad, kldb)``: ``grad`` like ``wrt`` (scaled by ``loss_scale``); ``kldb`` ``[B]`` (detached).
+    """
+    with torch.enable_grad():
+        image = (decode(x0) / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+        loss = kldb_score(classify(image), classes)  # (B,)
+        # a non-finite loss of one image must not poison the others' gradients through the sum
+        finite = torch.isfinite(loss)
+        total = torch.where(finite, loss, torch.zeros_like(loss)).sum()
+        if not total.requires_grad:  # every loss non-finite, or a classifier cut from the graph
+            return torch.zeros_like(wrt), loss.detach()
+        (grad,) = torch.autograd.grad(total * loss_scale, wrt, retain_graph=retain_graph)
+    grad = torch.where(finite.view(-1, *[1] * (grad.ndim - 1)), grad, torch.full_like(grad, float("nan")))
     return grad, loss.detach()
 
 
@@ -538,7 +561,10 @@ class KLDBGuidanceCallback(PipelineCallback):
     therefore runs at the end of step ``s``: it keeps :math:`z_t` from the end of step ``s - 1`` (or the initial
     noise for ``s = 1``), computes the gradient there with :math:`\sigma_t`, and subtracts :math:`\alpha\nabla^*`
     from the latent the step produced. In ``"detached"`` mode the step's own conditional noise prediction is reused,
-    so guidance costs one decoder and classifier forward/backward and no extra UNet call.
+    so guidance costs one decoder and classifier forward/backward and no extra UNet call. In ``"unet"`` mode, inside
+    :meth:`sharing_unet_forward` (which :class:`KLDBBoundaryPipeline` always uses), the guided step's own conditional
+    UNet forward is run with gradients on and reused, so guidance costs a UNet backward but no extra UNet forward;
+    without it (the callback alone on another pipeline) the conditional noise prediction is computed again.
 
     Args:
         classifier: maps images ``(B, 3, H, W)`` in ``[0, 1]`` to logits.
@@ -584,6 +610,11 @@ class KLDBGuidanceCallback(PipelineCallback):
         self._z_prev: torch.Tensor | None = None
         self._captured: torch.Tensor | None = None
         self._captured_step: int | None = None
+        # the next UNet call is the forward of a guided step (step 1 when it is guided)
+        self._armed = self.is_guided(1)
+        # (scaled conditional UNet input with requires_grad, its noise prediction with the graph) of the guided step
+        self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.shared_forwards = 0
 
     @property
     def tensor_inputs(self) -> list[str]:
@@ -613,6 +644,80 @@ class KLDBGuidanceCallback(PipelineCallback):
             embeds = callback_kwargs["prompt_embeds"]
             self._captured = embeds.chunk(2)[1] if cfg else embeds
 
+    @contextmanager
+    def sharing_unet_forward(self, unet: torch.nn.Module) -> Iterator[None]:
+        r"""Within the block, guided steps run their conditional UNet forward with gradients on, for the guidance.
+
+        ``"unet"`` mode needs :math:`\partial\epsilon/\partial z_t` at the latent the guided step starts from, which is
+        the input of that step's own conditional UNet forward. Inside this block the callback wraps ``unet.forward``:
+        at a guided step it runs the unconditional half of the batch as usual (no gradients) and the conditional half
+        with gradients on, hands the sampler the same noise prediction, and keeps the graph for the correction at the
+        step's end, so the UNet runs forward once per guided step instead of twice. Other steps call the UNet
+        unchanged. Does nothing in ``"detached"`` mode or under ``autocast_dtype`` (the sampler must not get a noise
+        prediction made in another precision); calls it cannot split exactly (IP-Adapter or timestep-conditioning
+        inputs, ``return_dict=True``) run unchanged and the correction computes the prediction again.
+
+        Example::
+
+            guidance = KLDBGuidanceCallback(classifier, [3, 8], gradient="unet")
+            with guidance.sharing_unet_forward(pipe.unet):
+                pipe("three and eight", callback_on_step_end=guidance,
+                     callback_on_step_end_tensor_inputs=guidance.tensor_inputs)
+        """
+        if self.gradient != "unet" or self.autocast_dtype is not None:
+            yield
+            return
+        patched = unet.__dict__.get("forward")  # an instance-level forward (accelerate hooks, torch.compile) or None
+        forward = unet.forward
+
+        def shared_forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self._armed:
+                return forward(sample, timestep, *args, **kwargs)
+            self._armed = False
+            return self._guided_unet_forward(forward, sample, timestep, args, kwargs)
+
+        unet.forward = shared_forward
+        try:
+            yield
+        finally:
+            if patched is None:
+                del unet.forward
+            else:
+                unet.forward = patched
+            self._armed, self._shared = False, None
+
+    def _guided_unet_forward(self, forward: Callable[..., Any], sample: torch.Tensor, timestep: Any, args, kwargs):
+        """The guided step's UNet call: the conditional rows with gradients on (kept in ``_shared``), the rest not."""
+        self._shared = None
+        embeds = kwargs.get("encoder_hidden_states")
+        rows = sample.shape[0]
+        # the number of images: the latent kept for this step (or the initial noise for a guided step 1)
+        kept = self._z_prev if self._z_prev is not None else self.initial_latents
+        n = kept.shape[0] if kept is not None else rows
+        splittable = (
+            not args
+            and kwargs.get("return_dict", True) is False
+            and not kwargs.get("added_cond_kwargs")
+            and kwargs.get("timestep_cond") is None
+            and embeds is not None
+            and embeds.shape[0] == rows
+            and rows in (n, 2 * n)
+            and not (torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() > 1)
+        )
+        if not splittable:
+            return forward(sample, timestep, *args, **kwargs)
+        call = {k: v for k, v in kwargs.items() if k != "encoder_hidden_states"}
+        cond_input = sample[rows - n :].detach().requires_grad_(True)  # diffusers batches (uncond, cond)
+        outputs = []
+        if rows == 2 * n:
+            outputs.append(forward(sample[:n], timestep, encoder_hidden_states=embeds[:n], **call)[0])
+        with torch.enable_grad():
+            eps = forward(cond_input, timestep, encoder_hidden_states=embeds[rows - n :], **call)[0]
+        outputs.append(eps.detach())
+        self._shared = (cond_input, eps)
+        self.shared_forwards += 1
+        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0],)
+
     def _predict_eps_fn(self, pipeline: Any, t: Any, cond: torch.Tensor, sigma: float):
         def predict_eps(z: torch.Tensor) -> torch.Tensor:
             return pipeline.unet(
@@ -641,13 +746,27 @@ class KLDBGuidanceCallback(PipelineCallback):
         g_star = torch.zeros_like(z, dtype=torch.float32)
         ok = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         todo = torch.ones_like(ok)
+        shared, self._shared = self._shared, None
+        if shared is not None and shared[0].shape[0] != z.shape[0]:
+            shared = None
         for loss_scale in (2.0**16, 2.0**8, 1.0) if half else (1.0,):
             idx = todo.nonzero().flatten()
             autocast = (
                 torch.autocast(z.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
             )
             with autocast:
-                if self.gradient == "detached":
+                if shared is not None:
+                    # the step's own forward: x0 = c * s - sigma * eps(s) with s = z / c the scaled UNet input,
+                    # and d/dz = (d/ds) / c
+                    scaled, eps = shared
+                    c = (sigma**2 + 1) ** 0.5
+                    with torch.enable_grad():
+                        x0 = (scaled.to(z.dtype) * c - sigma * eps.to(z.dtype))[idx]
+                    grad, _ = kldb_backward(
+                        x0, scaled, self.classes, decode, self.classifier, loss_scale=loss_scale, retain_graph=half
+                    )
+                    grad = grad[idx].to(z.dtype) / c
+                elif self.gradient == "detached":
                     grad, _ = kldb_guidance_gradient(
                         z[idx], sigma, self.classes, decode, self.classifier, eps=captured[idx], loss_scale=loss_scale
                     )
@@ -686,8 +805,10 @@ class KLDBGuidanceCallback(PipelineCallback):
                 self.guided_updates += int(ok.sum())
                 callback_kwargs["latents"] = latents
         self._captured = None
+        self._shared = None  # an unused graph (a skipped update) is not kept alive
         # keep the input of the next step if the next step is guided
         self._z_prev = latents.detach() if self.is_guided(step + 1) else None
+        self._armed = self._z_prev is not None
         return callback_kwargs
 
 
@@ -1129,33 +1250,36 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             callbacks.append(guidance)
         chained = _ChainedCallbacks(callbacks) if callbacks else None
 
-        # 3. Sample with the Stable Diffusion loop; images come back as (B, 3, H, W) in [0, 1]
-        out = super().__call__(
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds,
-            output_type="latent" if output_type == "latent" else "pt",
-            return_dict=True,
-            cross_attention_kwargs=cross_attention_kwargs,
-            guidance_rescale=guidance_rescale,
-            clip_skip=clip_skip,
-            callback_on_step_end=chained,
-            callback_on_step_end_tensor_inputs=chained.tensor_inputs if chained is not None else ["latents"],
-            **kwargs,
-        )
+        # 3. Sample with the Stable Diffusion loop; images come back as (B, 3, H, W) in [0, 1]. Guided steps share
+        #    their conditional UNet forward with the guidance ("unet" mode)
+        sharing = guidance.sharing_unet_forward(self.unet) if guidance is not None else nullcontext()
+        with sharing:
+            out = super().__call__(
+                prompt=prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds,
+                output_type="latent" if output_type == "latent" else "pt",
+                return_dict=True,
+                cross_attention_kwargs=cross_attention_kwargs,
+                guidance_rescale=guidance_rescale,
+                clip_skip=clip_skip,
+                callback_on_step_end=chained,
+                callback_on_step_end_tensor_inputs=chained.tensor_inputs if chained is not None else ["latents"],
+                **kwargs,
+            )
         images, nsfw = out.images, out.nsfw_content_detected
 
         # 4. Score the returned images

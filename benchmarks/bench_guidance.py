@@ -5,7 +5,10 @@ Measured, each as the median of repeated timed runs after warm-up runs:
 - wall time per image of prompt-only sampling (alpha = 0) and of guided sampling, and their ratio;
 - one guidance step timed alone on tensors captured from a real run, split into its pieces (UNet, VAE decoder and
   classifier forward/backward, each timed alone on the same tensors); the "ideal" guided time = prompt-only time +
-  number of guided steps x one guidance step; measured / ideal is the implementation's own overhead;
+  number of guided steps x one guidance step; measured / ideal is the implementation's own overhead. Where the
+  guided step shares its UNet forward with the guidance ("unet" mode without autocast), one guidance step is what a
+  guided step costs beyond an unguided one: (the step's UNet call with the shared forward + the correction) minus
+  the plain no-grad UNet call of a sampling step, each timed alone;
 - peak memory of both: process RSS sampled by a background thread on CPU (absolute, and above the baseline taken
   right before the run), ``torch.cuda.max_memory_allocated`` on GPU;
 - images per second at several batch sizes;
@@ -47,6 +50,7 @@ from pipeline_kldb_boundary import (
     KLDBGuidanceCallback,
     as_image_classifier,
     kldb_score,
+    lms_scale_model_input,
     resolve_classes,
 )
 
@@ -274,6 +278,7 @@ class Captured:
     sigma: float
     z: torch.Tensor  # (B, c, h, w) latent the guided step starts from
     cond_embeds: torch.Tensor  # (B, L, d) conditional prompt embedding
+    uncond_embeds: torch.Tensor | None  # (B, L, d) unconditional (negative) prompt embedding; None without CFG
     cond_eps: torch.Tensor  # (B, c, h, w) the step's conditional noise prediction
 
 
@@ -401,6 +406,7 @@ class Bench:
                 store["z"] = kwargs["latents"].detach().clone()
             if step_index == interval - 1:
                 embeds, eps = kwargs["prompt_embeds"], kwargs["noise_pred_text"]
+                store["uncond_embeds"] = embeds.chunk(2)[0].detach().clone()
                 store["cond_embeds"] = embeds.chunk(2)[1].detach().clone()
                 store["cond_eps"] = eps.detach().clone()
                 store["timestep"] = timestep
@@ -432,6 +438,7 @@ class Bench:
             sigma=float(self.pipe.scheduler.sigmas[step_index]),
             z=store["z"],
             cond_embeds=store["cond_embeds"],
+            uncond_embeds=store["uncond_embeds"] if self.setting.guidance_scale > 1 else None,
             cond_eps=store["cond_eps"],
         )
 
@@ -454,7 +461,10 @@ class Bench:
         return statistics.median(times)
 
     def guidance_step(self, option: GuidanceOption, captured: Captured) -> dict[str, Any]:
-        """One guidance step (:meth:`KLDBGuidanceCallback.correction`) timed alone, and each of its pieces alone."""
+        """One guidance step (:meth:`KLDBGuidanceCallback.correction`) timed alone, and each of its pieces alone.
+
+        Where the guided step shares its conditional UNet forward with the guidance, the step and its UNet piece are
+        measured as what they add to the sampling step's own UNet call (see the module docstring)."""
         pipe, config = self.pipe, self.config
         classes = self.class_indices()
         guidance = KLDBGuidanceCallback(
@@ -485,12 +495,41 @@ class Bench:
         eps_cotangent = torch.randn(z.shape, generator=cotangent, device=self.device, dtype=z.dtype)
         image_cotangent = torch.randn(image.shape, generator=cotangent, device=self.device, dtype=image.dtype)
 
-        @torch.enable_grad()
+        shares = option.kldb_gradient == "unet" and option.autocast_dtype is None  # see sharing_unet_forward
+        cfg = captured.uncond_embeds is not None
+
+        @torch.no_grad()
+        def sampling_unet_call() -> None:
+            """The UNet call of a sampling step at this latent: (unconditional, conditional) batched, no gradients."""
+            scaled = lms_scale_model_input(z, sigma).to(pipe.unet.dtype)
+            embeds = torch.cat([captured.uncond_embeds, captured.cond_embeds]) if cfg else captured.cond_embeds
+            pipe.unet(torch.cat([scaled] * 2) if cfg else scaled, captured.timestep, encoder_hidden_states=embeds,
+                      return_dict=False)  # fmt: skip
+
+        @contextlib.contextmanager
+        def guided_unet_call() -> Iterator[None]:
+            """The guided step's UNet call with the forward shared with ``guidance`` (the graph is kept in it)."""
+            guidance._z_prev, guidance._armed = z, True  # as the callback arms it at the end of the step before
+            with guidance.sharing_unet_forward(pipe.unet):
+                sampling_unet_call()
+                yield
+
+        @torch.no_grad()
         def step() -> None:
-            guidance.correction(pipe, captured.step_index, captured.timestep, z, used)
+            if shares:
+                with guided_unet_call():
+                    guidance.correction(pipe, captured.step_index, captured.timestep, z, used)
+            else:
+                guidance.correction(pipe, captured.step_index, captured.timestep, z, used)
 
         @torch.enable_grad()
         def unet_piece() -> None:
+            if shares:
+                with guided_unet_call():
+                    scaled, eps = guidance._shared
+                    guidance._shared = None
+                    torch.autograd.grad(eps, scaled, grad_outputs=eps_cotangent.to(eps.dtype))
+                return
             z_ = z.detach().requires_grad_(True)
             with autocast():
                 eps = guidance._predict_eps_fn(pipe, captured.timestep, captured.cond_embeds, sigma)(z_)
@@ -513,10 +552,14 @@ class Bench:
         repeats = config.repeats
         result: dict[str, Any] = {}
         with self.applied(option):
-            result["step_seconds"] = self._median_time(step, repeats)
+            # what the sampling step's own UNet call costs; a shared step is counted beyond it
+            base = self._median_time(sampling_unet_call, repeats) if shares else 0.0
+            result["shares_unet_forward"] = shares
+            result["sampling_unet_call_seconds"] = base if shares else None
+            result["step_seconds"] = self._median_time(step, repeats) - base
             pieces: dict[str, float] = {}
             if option.kldb_gradient == "unet":
-                pieces["unet"] = self._median_time(unet_piece, repeats)
+                pieces["unet"] = self._median_time(unet_piece, repeats) - base
             pieces["vae_decoder"] = self._median_time(decoder_piece, repeats)
             pieces["classifier"] = self._median_time(classifier_piece, repeats)
             memory = PeakMemory(self.device, config.memory_interval_ms / 1000)
