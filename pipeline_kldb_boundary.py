@@ -43,6 +43,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 GRADIENT_MODES = ("unet", "detached")
+#: Which autoencoder's decoder the guidance backpropagates through (``kldb_guidance_decoder``).
+GUIDANCE_DECODERS = ("auto", "vae", "guidance_vae")
 AUTOCAST_DTYPES = (None, torch.float16, torch.bfloat16)
 
 EXAMPLE_DOC_STRING = """
@@ -577,6 +579,9 @@ class KLDBGuidanceCallback(PipelineCallback):
             when step 1 is guided (``interval == 1``).
         autocast_dtype: run the guidance pass under ``torch.autocast`` in this dtype (``torch.float16`` or
             ``torch.bfloat16``); ``None`` runs it in the components' own dtype.
+        decoder: the autoencoder whose ``decode`` the guidance backpropagates through (a small stand-in for the
+            pipeline's VAE such as diffusers' ``AutoencoderTiny``; it gets ``x0 / decoder.config.scaling_factor``);
+            ``None`` uses ``pipeline.vae``. The returned images are always decoded by the pipeline's VAE.
     """
 
     def __init__(
@@ -589,6 +594,7 @@ class KLDBGuidanceCallback(PipelineCallback):
         do_classifier_free_guidance: bool = True,
         initial_latents: torch.Tensor | None = None,
         autocast_dtype: torch.dtype | None = None,
+        decoder: torch.nn.Module | None = None,
     ):
         super().__init__(cutoff_step_ratio=1.0)
         if gradient not in GRADIENT_MODES:
@@ -597,7 +603,13 @@ class KLDBGuidanceCallback(PipelineCallback):
             raise ValueError(
                 f"`kldb_autocast_dtype` has to be None, torch.float16 or torch.bfloat16 but is {autocast_dtype!r}."
             )
+        if decoder is not None and not callable(getattr(decoder, "decode", None)):
+            raise TypeError(
+                f"`decoder` has to be an autoencoder with a `decode` method (e.g. AutoencoderTiny) but is "
+                f"{type(decoder).__name__}."
+            )
         self.autocast_dtype = autocast_dtype
+        self.decoder = decoder
         self.classifier = classifier
         self.classes = list(classes)
         self.guidance_scale = float(guidance_scale)
@@ -737,7 +749,7 @@ class KLDBGuidanceCallback(PipelineCallback):
         gradients do not flush to zero; samples whose scaled gradient overflows are redone at 2^8, then 1.
         """
         sigma = float(pipeline.scheduler.sigmas[step_index])
-        vae = pipeline.vae
+        vae = self.decoder if self.decoder is not None else pipeline.vae
 
         def decode(x0: torch.Tensor) -> torch.Tensor:
             return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
@@ -907,6 +919,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         classifier: optional default classifier: a transformers image-classification model, an
             :class:`ImageClassifier`, or a callable mapping ``[0, 1]`` images to logits. Can be given per call.
         classifier_processor: the transformers image processor of ``classifier``, for its preprocessing.
+        guidance_vae: optional small autoencoder on the same latents (diffusers' ``AutoencoderTiny``: TAESD
+            ``"madebyollin/taesd"`` for Stable Diffusion v1; the digits world ships its own) whose decoder the
+            guidance backpropagates through instead of the VAE's (``kldb_guidance_decoder``). Images are always
+            decoded by ``vae``.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
@@ -916,8 +932,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         "image_encoder",
         "classifier",
         "classifier_processor",
+        "guidance_vae",
     ]
-    _exclude_from_cpu_offload = ["safety_checker", "classifier"]
+    # used inside the denoising loop next to the UNet: kept on the device rather than offloaded and reloaded per step
+    _exclude_from_cpu_offload = ["safety_checker", "classifier", "guidance_vae"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred", "noise_pred_text"]
 
     def __init__(
@@ -933,6 +951,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         requires_safety_checker: bool = False,
         classifier: Any = None,
         classifier_processor: Any = None,
+        guidance_vae: Any = None,
     ):
         if scheduler is not None and not isinstance(scheduler, LMSDiscreteScheduler):
             logger.info(f"Replacing {type(scheduler).__name__} by LMSDiscreteScheduler: KLDB guidance needs k-LMS.")
@@ -948,7 +967,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(classifier=self._as_component(classifier), classifier_processor=classifier_processor)
+        self.register_modules(
+            classifier=self._as_component(classifier),
+            classifier_processor=classifier_processor,
+            guidance_vae=guidance_vae,
+        )
 
     @staticmethod
     def _as_component(classifier: Any) -> Any:
@@ -982,11 +1005,22 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         """
         self.vae.enable_gradient_checkpointing()
         self.unet.enable_gradient_checkpointing()
+        if getattr(self, "guidance_vae", None) is not None:
+            self.guidance_vae.enable_gradient_checkpointing()
 
     def disable_guidance_checkpointing(self) -> None:
         """Undo :meth:`enable_guidance_checkpointing`."""
         self.vae.disable_gradient_checkpointing()
         self.unet.disable_gradient_checkpointing()
+        if getattr(self, "guidance_vae", None) is not None:
+            self.guidance_vae.disable_gradient_checkpointing()
+
+    def guidance_decoder(self, choice: str = "auto") -> torch.nn.Module:
+        """The autoencoder whose decoder the guidance uses for ``kldb_guidance_decoder=choice``."""
+        small = getattr(self, "guidance_vae", None)
+        if choice == "guidance_vae" or (choice == "auto" and small is not None):
+            return small
+        return self.vae
 
     def set_lms_scheduler(self, **overrides: Any) -> None:
         """Rebuild the k-LMS scheduler from its config with ``overrides``.
@@ -1030,6 +1064,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         sigmas: Any = None,
         height: int | None = None,
         width: int | None = None,
+        kldb_guidance_decoder: Any = "auto",
     ) -> None:
         """Check the KLDB arguments and the scheduler, with one clear error each."""
         if not isinstance(self.scheduler, LMSDiscreteScheduler):
@@ -1049,6 +1084,16 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             raise ValueError(f"`kldb_guidance_scale` has to be finite and >= 0 but is {kldb_guidance_scale}.")
         if kldb_gradient not in GRADIENT_MODES:
             raise ValueError(f"`kldb_gradient` has to be one of {GRADIENT_MODES} but is {kldb_gradient!r}.")
+        if kldb_guidance_decoder not in GUIDANCE_DECODERS:
+            raise ValueError(
+                f"`kldb_guidance_decoder` has to be one of {GUIDANCE_DECODERS} but is {kldb_guidance_decoder!r}."
+            )
+        if kldb_guidance_decoder == "guidance_vae" and getattr(self, "guidance_vae", None) is None:
+            raise ValueError(
+                "`kldb_guidance_decoder='guidance_vae'` needs the pipeline's `guidance_vae` component, which is None: "
+                "pass `guidance_vae=` to `from_pretrained` or the constructor (e.g. "
+                "`AutoencoderTiny.from_pretrained('madebyollin/taesd')` for Stable Diffusion v1)."
+            )
         steps = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"`num_inference_steps` has to be a positive integer but is {steps!r}.")
@@ -1140,6 +1185,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         kldb_guidance_interval: int = 5,
         kldb_gradient: str = "unet",
         kldb_autocast_dtype: torch.dtype | None = None,
+        kldb_guidance_decoder: str = "auto",
         **kwargs: Any,
     ) -> KLDBBoundaryPipelineOutput | tuple:
         r"""Generate images pulled toward the decision boundary of ``classes``.
@@ -1171,6 +1217,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 Run only the guidance pass under `torch.autocast` in `torch.float16` or `torch.bfloat16` (on GPU).
                 float16 gradients are loss-scaled so that they do not underflow; updates that still fail are
                 skipped and counted in `skipped_updates`.
+            kldb_guidance_decoder (`str`, *optional*, defaults to `"auto"`):
+                Whose decoder the guidance gradient goes through: `"vae"` (the paper's), `"guidance_vae"` (the
+                pipeline's small `guidance_vae`, much cheaper), or `"auto"`: `guidance_vae` when the pipeline has
+                one, else `vae`. The returned images are always decoded by `vae`.
 
         Examples: see ``EXAMPLE_DOC_STRING`` at the top of this file (not inlined here, so that the doctest run of
         the test suite, which cannot download Stable Diffusion, does not execute it).
@@ -1192,6 +1242,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             sigmas,
             height,
             width,
+            kldb_guidance_decoder,
         )
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -1240,6 +1291,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 do_classifier_free_guidance=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
                 initial_latents=initial_noise,
                 autocast_dtype=kldb_autocast_dtype,
+                decoder=self.guidance_decoder(kldb_guidance_decoder),
             )
         callbacks: list[Any] = [_GuidanceCapture(guidance)] if guidance is not None else []
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

@@ -61,6 +61,8 @@ MODIFIERS = {
     "fp16": "kldb_autocast_dtype=torch.float16 (guidance pass under autocast, loss-scaled)",
     "bf16": "kldb_autocast_dtype=torch.bfloat16 (guidance pass under autocast)",
     "frozen": "requires_grad_(False) on every module (not a pipeline option: tests a proposed patch)",
+    "gvae": "kldb_guidance_decoder='guidance_vae' (the gradient goes through the pipeline's small guidance_vae); "
+    "options without it pass kldb_guidance_decoder='vae'",
 }
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,6 +83,7 @@ class GuidanceOption:
     vae_slicing: bool = False
     autocast: str | None = None
     frozen_weights: bool = False
+    guidance_vae: bool = False
 
     @classmethod
     def parse(cls, name: str) -> GuidanceOption:
@@ -100,11 +103,17 @@ class GuidanceOption:
             vae_slicing="slicing" in parts,
             autocast=autocasts[0] if autocasts else None,
             frozen_weights="frozen" in parts,
+            guidance_vae="gvae" in parts,
         )
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return AUTOCAST[self.autocast] if self.autocast else None
+
+    @property
+    def guidance_decoder(self) -> str:
+        """The pipeline's ``kldb_guidance_decoder`` for this option (explicit: never ``"auto"``)."""
+        return "guidance_vae" if self.guidance_vae else "vae"
 
 
 @dataclass
@@ -132,30 +141,36 @@ class Config:
 
 # Per model and device: what a run measures when the command line does not say.
 DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    # default_option: what the pipeline does by default there ("auto" takes the digits world's guidance_vae; the
+    # paper's Stable Diffusion v1.4 has none unless one is loaded)
     ("digits", "cpu"): {
         "steps": 40, "interval": 5, "batch": 16, "batches": [1, 4, 16], "repeats": 3, "warmup": 1, "kldb_batches": 4,
-        "options": ["unet", "detached", "unet+ckpt", "detached+ckpt", "unet+slicing"],
+        "options": ["unet+gvae", "unet", "detached+gvae", "detached", "unet+ckpt", "unet+slicing"],
+        "default_option": "unet+gvae",
     },
     ("sd", "cpu"): {
         "height": 256, "steps": 10, "interval": 5, "batch": 1, "batches": [1, 2, 4], "repeats": 3, "warmup": 1,
-        "kldb_batches": 1, "options": ["unet", "detached"],
+        "kldb_batches": 1, "options": ["unet", "unet+gvae", "detached"], "default_option": "unet",
     },
     ("tiny", "cpu"): {
         "steps": 10, "interval": 5, "batch": 2, "batches": [1, 2], "repeats": 3, "warmup": 1, "kldb_batches": 1,
-        "options": ["unet", "detached", "unet+ckpt", "unet+slicing"],
+        "options": ["unet+gvae", "unet", "detached", "unet+ckpt", "unet+slicing"], "default_option": "unet+gvae",
     },
     ("digits", "cuda"): {
         "steps": 40, "interval": 5, "batch": 16, "batches": [1, 4, 16], "repeats": 3, "warmup": 1, "kldb_batches": 4,
-        "options": ["unet", "detached", "unet+ckpt", "unet+slicing", "unet+fp16", "unet+bf16", "detached+bf16"],
+        "options": ["unet+gvae", "unet", "detached", "unet+ckpt", "unet+fp16", "unet+bf16", "detached+bf16"],
+        "default_option": "unet+gvae",
     },
     ("sd", "cuda"): {
         "height": 512, "steps": 40, "interval": 5, "batch": 8, "batches": [1, 4, 8, 16], "repeats": 2, "warmup": 1,
         "kldb_batches": 1,
-        "options": ["unet", "detached", "unet+ckpt", "unet+slicing", "unet+bf16", "detached+bf16", "unet+frozen"],
+        "options": ["unet", "unet+gvae", "detached", "unet+ckpt", "unet+bf16", "unet+gvae+bf16", "detached+bf16",
+                    "unet+frozen"],
+        "default_option": "unet",
     },
     ("tiny", "cuda"): {
         "steps": 10, "interval": 5, "batch": 2, "batches": [1, 2], "repeats": 3, "warmup": 1, "kldb_batches": 1,
-        "options": ["unet", "detached", "unet+fp16", "unet+bf16"],
+        "options": ["unet+gvae", "unet", "detached", "unet+fp16", "unet+bf16"], "default_option": "unet+gvae",
     },
 }  # fmt: skip
 
@@ -346,6 +361,7 @@ class Bench:
             "kldb_guidance_interval": self.config.interval,
             "kldb_gradient": option.kldb_gradient if option is not None else "unet",
             "kldb_autocast_dtype": option.autocast_dtype if option is not None else None,
+            "kldb_guidance_decoder": option.guidance_decoder if option is not None else "vae",
             "num_images_per_prompt": batch,
             "generator": torch.Generator(device=self.device).manual_seed(seed),
             "output_type": "pt",
@@ -475,10 +491,11 @@ class Bench:
             gradient=option.kldb_gradient,
             do_classifier_free_guidance=self.setting.guidance_scale > 1,
             autocast_dtype=option.autocast_dtype,
+            decoder=pipe.guidance_decoder(option.guidance_decoder),
         )
         z, sigma = captured.z, captured.sigma
         used = captured.cond_eps if option.kldb_gradient == "detached" else captured.cond_embeds
-        vae = pipe.vae
+        vae = pipe.guidance_decoder(option.guidance_decoder)
         autocast = (
             (lambda: torch.autocast(self.device.type, dtype=option.autocast_dtype))
             if option.autocast_dtype is not None
@@ -1039,11 +1056,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--options", type=_name_list, default=None, help="comma-separated guidance options to compare, each "
         f"'unet' or 'detached' plus '+'-joined modifiers from {sorted(MODIFIERS)}, e.g. unet+ckpt,detached+bf16 [digits "
-        "cpu: unet,detached,unet+ckpt,detached+ckpt,unet+slicing; sd cpu: unet,detached; cuda adds bf16 and frozen]"
+        "cpu: unet+gvae,unet,detached+gvae,detached,unet+ckpt,unet+slicing; sd cpu: unet,unet+gvae,detached; cuda "
+        "adds bf16 and frozen]"
     )  # fmt: skip
     parser.add_argument(
-        "--default-option", default="unet", type=lambda t: _name_list(t)[0], help="the option the top-level figures "
-        "(guided_over_prompt_only, ...) and the throughput runs use; 'unet' is the pipeline's default"
+        "--default-option", default=None, type=lambda t: _name_list(t)[0], help="the option the top-level figures "
+        "(guided_over_prompt_only, ...) and the throughput runs use: the pipeline's default there [digits, tiny: "
+        "unet+gvae (their guidance_vae); sd: unet (SD v1.4 ships no guidance_vae)]"
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement; medians are reported "
                         "[3; sd on cuda 2]")  # fmt: skip
@@ -1084,7 +1103,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         batch=pick("batch"),
         batches=pick("batches"),
         options=pick("options"),
-        default_option=args.default_option,
+        default_option=pick("default_option"),
         repeats=pick("repeats"),
         warmup=pick("warmup"),
         kldb_batches=pick("kldb_batches"),

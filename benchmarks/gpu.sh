@@ -2,7 +2,8 @@
 # The SD-v1.4-shaped guidance benchmark at 512x512 on one GPU, in one command (under 8 minutes):
 #   benchmarks/gpu.sh [OUT.json]        (default OUT: benchmarks/results/sd_gpu_512.json; log: logs/bench_sd_gpu.log)
 # fp16 components, 40 k-LMS steps, guidance every 5, main batch 8, images/s at batches 1, 4, 8 and 16; options:
-# unet, detached, unet+ckpt, unet+slicing, unet+bf16, detached+bf16, unet+frozen (see --help of the benchmark).
+# unet, unet+gvae (TAESD-shaped guidance decoder), detached, unet+ckpt, unet+bf16, unet+gvae+bf16, detached+bf16,
+# unet+frozen (see --help of the benchmark).
 # Uses the project's .venv as it is and installs nothing. The benchmark stops starting new runs after 360 s of
 # measuring and keeps what it measured (its JSON is rewritten after each section); `timeout` interrupts it at 440 s.
 set -euo pipefail

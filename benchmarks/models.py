@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pipeline_kldb_boundary import ImageClassifier, KLDBBoundaryPipeline
@@ -94,8 +94,9 @@ def count_parameters(pipe: KLDBBoundaryPipeline) -> dict[str, int]:
 
 
 def sd14_shaped_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> KLDBBoundaryPipeline:
-    """SD v1.4's UNet, VAE and CLIP-L text encoder and a torchvision ResNet-50 (ImageNet preprocessing and labels of
-    ``IMAGENET1K_V2``), all with random weights drawn under ``seed``."""
+    """SD v1.4's UNet, VAE and CLIP-L text encoder, TAESD (diffusers' default ``AutoencoderTiny``, the
+    ``"madebyollin/taesd"`` architecture) as ``guidance_vae``, and a torchvision ResNet-50 (ImageNet preprocessing and
+    labels of ``IMAGENET1K_V2``), all with random weights drawn under ``seed``."""
     from torchvision.models import ResNet50_Weights, resnet50
 
     from kldb.testing import sd_scheduler, tiny_tokenizer
@@ -116,6 +117,8 @@ def sd14_shaped_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> K
         )
     )
     torch.manual_seed(seed)
+    taesd = AutoencoderTiny()  # its defaults are TAESD's architecture (scaling_factor 1: SD's scaled latents)
+    torch.manual_seed(seed)
     weights = ResNet50_Weights.IMAGENET1K_V2  # the enum carries preprocessing and labels; no weights are loaded
     classifier = ImageClassifier.from_torchvision(resnet50(weights=None).eval(), weights)
     pipe = KLDBBoundaryPipeline(
@@ -128,6 +131,7 @@ def sd14_shaped_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> K
         feature_extractor=None,
         requires_safety_checker=False,
         classifier=classifier,
+        guidance_vae=taesd.eval(),
     )
     return pipe.to(dtype=dtype)
 
@@ -170,9 +174,11 @@ def build_setting(model: str, device: str, dtype: torch.dtype, height: int | Non
             ),
         )
     elif model == "tiny":
-        from kldb.testing import tiny_pipeline
+        from kldb.testing import tiny_guidance_vae, tiny_pipeline
 
-        pipe = tiny_pipeline(seed=seed).to(device=device, dtype=dtype)
+        pipe = tiny_pipeline(seed=seed)
+        pipe.register_modules(guidance_vae=tiny_guidance_vae(seed=seed))
+        pipe.to(device=device, dtype=dtype)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         setting = BenchSetting(
             model=model,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kldb.presets import PRESETS, Preset, get_preset
-from pipeline_kldb_boundary import GRADIENT_MODES
+from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS
 
 logger = logging.getLogger("kldb.cli")
 
@@ -91,6 +91,18 @@ def _add_generation_options(parser: argparse.ArgumentParser, grid: bool) -> None
         choices=GRADIENT_MODES,
         help="'unet': gradient through the noise prediction (the authors' code); 'detached': the step's own noise "
         f"prediction without its Jacobian, cheaper {both('kldb_gradient')}",
+    )
+    parser.add_argument(
+        "--guidance-decoder",
+        choices=GUIDANCE_DECODERS,
+        help="whose decoder the guidance gradient goes through: 'vae' (the paper's), 'guidance_vae' (the pipeline's "
+        f"small one), 'auto' (guidance_vae when the pipeline has one) {both('kldb_guidance_decoder')}",
+    )
+    parser.add_argument(
+        "--guidance-vae",
+        help="a small decoder for the guidance gradient, given to the pipeline as its guidance_vae: an AutoencoderTiny "
+        "folder or Hub id (e.g. madebyollin/taesd for Stable Diffusion v1) or package.module:function (default: the "
+        "pipeline's own; the digits world ships one)",
     )
     parser.add_argument(
         "--guidance-rescale", type=float, help=f"Lin et al. (2024) CFG rescale {both('guidance_rescale')}"
@@ -264,6 +276,8 @@ def sweep_config_from_args(args: argparse.Namespace, grid: bool) -> Any:
         num_inference_steps=pick(args.steps, preset.num_inference_steps),
         kldb_guidance_interval=pick(args.interval, preset.kldb_guidance_interval),
         kldb_gradient=pick(args.gradient, preset.kldb_gradient),
+        kldb_guidance_decoder=pick(args.guidance_decoder, preset.kldb_guidance_decoder),
+        guidance_vae=args.guidance_vae,
         guidance_rescale=pick(args.guidance_rescale, preset.guidance_rescale),
         timestep_spacing=pick(args.timestep_spacing, preset.timestep_spacing),
         use_karras_sigmas=pick(args.karras, preset.use_karras_sigmas),

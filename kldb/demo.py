@@ -82,9 +82,7 @@ def run_demo(
     for setting, scale in (("prompt_only", 0.0), ("guided", alpha)):
         start = time.perf_counter()
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        output = pipe(
-            num_images_per_prompt=num_images, generator=generators, kldb_guidance_scale=scale, **common
-        )
+        output = pipe(num_images_per_prompt=num_images, generator=generators, kldb_guidance_scale=scale, **common)
         seconds = time.perf_counter() - start
         results[setting] = {"output": output, "seconds": seconds, "alpha": scale}
         for i, (image, s) in enumerate(zip(output.images, seeds)):
@@ -116,7 +114,9 @@ def run_demo(
     for setting, result in results.items():
         o = result["output"]
         summary = summarize(o.kldb, o.entropy, o.predicted_class, names)
-        summary.update({"alpha": result["alpha"], "seconds": round(result["seconds"], 2), "skipped": o.skipped_updates})
+        summary.update(
+            {"alpha": result["alpha"], "seconds": round(result["seconds"], 2), "skipped": o.skipped_updates}
+        )
         report["settings"][setting] = summary
         captions = [caption_lines(float(k), p.tolist(), names, top=2) for k, p in zip(o.kldb, o.probabilities)]
         title = f"{setting.replace('_', '-')} (alpha={result['alpha']}): median KLDB {summary['median_kldb']:.3f}"
@@ -135,7 +135,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# KLDB demo on the {report['world']}",
         "",
-        f"Prompt \"{report['prompt']}\", beta = {report['beta']}, {report['steps']} k-LMS steps, guidance every "
+        f'Prompt "{report["prompt"]}", beta = {report["beta"]}, {report["steps"]} k-LMS steps, guidance every '
         f"{report['interval']} steps, seeds {report['seeds'][0]}..{report['seeds'][-1]} (same for both rows).",
         "",
         "| setting | alpha | median KLDB | median entropy (nats) | predicted classes | seconds |",
@@ -154,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kldb.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--num-images", type=int, default=16, help="images per setting (default: 16)")
-    parser.add_argument("--alpha", type=float, default=0.1, help="KLDB guidance scale of the guided row (default: 0.1)")
+    parser.add_argument(
+        "--alpha", type=float, default=0.1, help="KLDB guidance scale of the guided row (default: 0.1)"
+    )
     parser.add_argument("--beta", type=float, default=None, help="classifier-free guidance scale (default: 6)")
     parser.add_argument("--steps", type=int, default=40, help="k-LMS steps (default: 40)")
     parser.add_argument("--interval", type=int, default=5, help="guidance every k steps (default: 5)")
@@ -162,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="use tiny random components instead of the digits world")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = run_demo(args.out, args.num_images, args.alpha, args.beta, args.steps, args.interval, args.seed, args.tiny)
+    report = run_demo(
+        args.out, args.num_images, args.alpha, args.beta, args.steps, args.interval, args.seed, args.tiny
+    )
     print(render_markdown(report))
     print(f"Wrote {Path(args.out) / 'grid.png'}, the images and report.json / report.md.")
 

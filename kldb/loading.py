@@ -14,6 +14,12 @@ Classifier specs (``None`` keeps the pipeline's own classifier):
 - ``"package.module:function"``: ``function()`` returns a classifier (see :func:`as_image_classifier`) or a pair
   ``(transformers model, image processor)``, e.g. ``"kldb.testing:tiny_classifier"``;
 - anything else: a transformers image-classification model folder or Hub id, with its image processor.
+
+Guidance decoder specs (``guidance_vae``, the small decoder the guidance gradient may use instead of the VAE's):
+
+- ``"package.module:function"``: ``function()`` returns an autoencoder (e.g. ``"kldb.testing:tiny_guidance_vae"``);
+- anything else: an ``AutoencoderTiny`` folder or Hub id, e.g. ``"madebyollin/taesd"`` (TAESD, for Stable Diffusion
+  v1 latents), loaded from safetensors.
 """
 
 from __future__ import annotations
@@ -95,6 +101,27 @@ def load_pipeline(
     if getattr(pipe, "classifier", None) is not None and isinstance(pipe.classifier, torch.nn.Module):
         pipe.classifier.to(device=device, dtype=torch_dtype)
     return pipe
+
+
+def load_guidance_vae(
+    spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+) -> torch.nn.Module:
+    """The autoencoder named by ``spec`` (see the module docstring), on ``device`` in ``dtype``."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"Expected argument `guidance_vae` to be a non-empty string but got {spec!r}.")
+    torch_dtype = parse_dtype(dtype)
+    if is_factory_spec(spec):
+        model = _call_factory(spec, "guidance_vae")
+        if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "decode", None)):
+            raise TypeError(
+                f"Expected argument `guidance_vae` {spec!r} to return an autoencoder with a `decode` method but it "
+                f"returned {type(model).__name__}."
+            )
+    else:
+        from diffusers import AutoencoderTiny
+
+        model = AutoencoderTiny.from_pretrained(spec, use_safetensors=True)
+    return model.eval().to(device=device, dtype=torch_dtype)
 
 
 def load_classifier(spec: str | None, device: str | torch.device = "cpu") -> ImageClassifier | None:

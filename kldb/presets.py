@@ -34,6 +34,7 @@ class Preset:
     num_inference_steps: int
     kldb_guidance_interval: int
     kldb_gradient: str
+    kldb_guidance_decoder: str
     guidance_rescale: float
     timestep_spacing: str | None
     use_karras_sigmas: bool
@@ -62,6 +63,7 @@ PRESETS: dict[str, Preset] = {
         num_inference_steps=40,
         kldb_guidance_interval=5,
         kldb_gradient="unet",
+        kldb_guidance_decoder="auto",
         guidance_rescale=0.0,
         timestep_spacing=None,
         use_karras_sigmas=False,
@@ -89,6 +91,7 @@ PRESETS: dict[str, Preset] = {
         num_inference_steps=40,
         kldb_guidance_interval=5,
         kldb_gradient="unet",
+        kldb_guidance_decoder="auto",
         guidance_rescale=0.7,
         timestep_spacing="trailing",
         use_karras_sigmas=True,

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from kldb.io import atomic_write_json, save_png
-from pipeline_kldb_boundary import GRADIENT_MODES
+from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ FIXED_FIELDS = (
     "num_inference_steps",
     "kldb_guidance_interval",
     "kldb_gradient",
+    "kldb_guidance_decoder",
+    "guidance_vae",
     "guidance_rescale",
     "timestep_spacing",
     "use_karras_sigmas",
@@ -92,6 +94,11 @@ class SweepConfig:
         num_inference_steps: k-LMS steps T.
         kldb_guidance_interval: guidance every k steps.
         kldb_gradient: ``"unet"`` (through the noise prediction, as the authors) or ``"detached"``.
+        kldb_guidance_decoder: ``"auto"`` (the pipeline's ``guidance_vae`` when it has one, else its VAE), ``"vae"``
+            or ``"guidance_vae"``; each record names the decoder used.
+        guidance_vae: a small decoder to give the pipeline as its ``guidance_vae`` (see
+            :func:`kldb.loading.load_guidance_vae`: e.g. ``"madebyollin/taesd"`` for Stable Diffusion v1); ``None``
+            keeps the pipeline's own (the digits world ships one).
         guidance_rescale: Lin et al. (2024) rescale of the classifier-free guidance (the paper: 0.7).
         timestep_spacing: ``None`` keeps the scheduler's; else ``"leading"``, ``"linspace"`` or ``"trailing"``.
         use_karras_sigmas: Karras et al. (2022) noise levels for k-LMS.
@@ -113,6 +120,8 @@ class SweepConfig:
     num_inference_steps: int = 40
     kldb_guidance_interval: int = 5
     kldb_gradient: str = "unet"
+    kldb_guidance_decoder: str = "auto"
+    guidance_vae: str | None = None
     guidance_rescale: float = 0.0
     timestep_spacing: str | None = None
     use_karras_sigmas: bool = False
@@ -195,6 +204,18 @@ def check_config(config: SweepConfig) -> None:
     )
     _expect(
         config.kldb_gradient in GRADIENT_MODES, "kldb_gradient", f"one of {list(GRADIENT_MODES)}", config.kldb_gradient
+    )
+    _expect(
+        config.guidance_vae is None or (isinstance(config.guidance_vae, str) and config.guidance_vae.strip() != ""),
+        "guidance_vae",
+        "None or a non-empty string (an AutoencoderTiny folder or Hub id, or package.module:function)",
+        config.guidance_vae,
+    )
+    _expect(
+        config.kldb_guidance_decoder in GUIDANCE_DECODERS,
+        "kldb_guidance_decoder",
+        f"one of {list(GUIDANCE_DECODERS)}",
+        config.kldb_guidance_decoder,
     )
     _expect(
         _is_number(config.guidance_rescale) and 0 <= config.guidance_rescale <= 1,
@@ -532,9 +553,11 @@ def check_resume(out_dir: Path, config: SweepConfig) -> None:
 
 
 def _prepare_pipeline(config: SweepConfig, device: torch.device | str) -> tuple[Any, Any, list[str]]:
-    from kldb.loading import classifier_labels, load_classifier, load_pipeline, pipeline_classifier
+    from kldb.loading import classifier_labels, load_classifier, load_guidance_vae, load_pipeline, pipeline_classifier
 
     pipe = load_pipeline(config.pipeline, device=device, dtype=config.dtype)
+    if config.guidance_vae is not None:
+        pipe.register_modules(guidance_vae=load_guidance_vae(config.guidance_vae, device=device, dtype=config.dtype))
     overrides: dict[str, Any] = {}
     if config.timestep_spacing is not None:
         overrides["timestep_spacing"] = config.timestep_spacing
@@ -564,6 +587,7 @@ def _generate_batch(
         kldb_guidance_scale=setting.alpha,
         kldb_guidance_interval=config.kldb_guidance_interval,
         kldb_gradient=config.kldb_gradient,
+        kldb_guidance_decoder=config.kldb_guidance_decoder,
         height=config.height,
         width=config.width,
         output_type="pil",
@@ -605,6 +629,11 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
 
     # 2. Everyone reads what is done, then the pending work is split between the processes
     pipe, classifier, labels = _prepare_pipeline(config, device)
+    # the decoder the guidance goes through ("auto" resolved), named in every record
+    has_small = getattr(pipe, "guidance_vae", None) is not None
+    decoder = config.kldb_guidance_decoder
+    if decoder == "auto":
+        decoder = "guidance_vae" if has_small else "vae"
     settings = build_settings(config, labels)
     if state.is_main_process:
         with _stop_on_full_disk(out / CONFIG_NAME, 0):
@@ -635,7 +664,7 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
                 output = _generate_batch(pipe, classifier, config, setting, seeds, device)
                 skipped += output.skipped_updates
                 for i, seed in enumerate(seeds):
-                    record = _record(config, setting, seed, output, i, labels, len(seeds))
+                    record = _record(config, setting, seed, output, i, labels, len(seeds), decoder)
                     record["process_index"] = state.process_index
                     path = out / record["file"]
                     with _stop_on_full_disk(path, generated):
@@ -673,7 +702,14 @@ def _config_dict(config: SweepConfig) -> dict[str, Any]:
 
 
 def _record(
-    config: SweepConfig, setting: Setting, seed: int, output: Any, i: int, labels: Sequence[str], batch: int
+    config: SweepConfig,
+    setting: Setting,
+    seed: int,
+    output: Any,
+    i: int,
+    labels: Sequence[str],
+    batch: int,
+    decoder: str = "vae",
 ) -> dict[str, Any]:
     probabilities = output.probabilities[i].double()  # (n,)
     top = probabilities.topk(min(len(probabilities), max(TOP_K, len(setting.classes))))
@@ -691,6 +727,7 @@ def _record(
         "num_inference_steps": config.num_inference_steps,
         "kldb_guidance_interval": config.kldb_guidance_interval,
         "kldb_gradient": config.kldb_gradient,
+        "kldb_guidance_decoder": decoder if setting.alpha > 0 else None,
         "guidance_rescale": config.guidance_rescale,
         "file": image_relpath(setting, seed),
         "kldb": _finite_or_none(float(output.kldb[i]), "KLDB", setting, seed),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, LMSDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
 from pipeline_kldb_boundary import KLDBBoundaryPipeline
@@ -119,6 +119,18 @@ def tiny_components(seed: int = 0, with_classifier: bool = True) -> dict[str, An
     if with_classifier:
         components["classifier"], components["classifier_processor"] = tiny_classifier(seed=seed)
     return components
+
+
+def tiny_guidance_vae(seed: int = 0) -> AutoencoderTiny:
+    """An ``AutoencoderTiny`` on the latents of :func:`tiny_components` (4 channels, factor 2), random weights."""
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).eval()
 
 
 def tiny_pipeline(seed: int = 0, with_classifier: bool = True) -> KLDBBoundaryPipeline:

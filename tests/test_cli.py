@@ -230,3 +230,14 @@ def test_ctrl_c_then_resume(tmp_path):
     finished = subprocess.run(argv, env=_environment(), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert_complete(out, config(out, seeds=24))
+
+
+def test_guidance_decoder_options():
+    args = parse("sweep", "--out", "x", "--preset", "paper", "--guidance-vae", "madebyollin/taesd",
+                 "--guidance-decoder", "guidance_vae")  # fmt: skip
+    config = cli.sweep_config_from_args(args, grid=True)
+    assert config.guidance_vae == "madebyollin/taesd" and config.kldb_guidance_decoder == "guidance_vae"
+    default = cli.sweep_config_from_args(parse("generate", "--out", "x"), grid=False)
+    assert default.guidance_vae is None and default.kldb_guidance_decoder == "auto"
+    with pytest.raises(SystemExit):
+        parse("generate", "--out", "x", "--guidance-decoder", "taesd")

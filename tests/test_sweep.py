@@ -286,6 +286,8 @@ def test_resume_with_other_image_settings_is_refused(tmp_path):
         ({"kldb_guidance_interval": 5}, r"`kldb_guidance_interval` to be at most num_inference_steps=4 but got 5"),
         ({"batch_size": 0}, r"Expected argument `batch_size` to be a positive integer but got 0"),
         ({"kldb_gradient": "exact"}, r"Expected argument `kldb_gradient` to be one of \['unet', 'detached'\]"),
+        ({"kldb_guidance_decoder": "taesd"}, r"Expected argument `kldb_guidance_decoder` to be one of \['auto', 'vae', 'guidance_vae'\] but got 'taesd'"),  # noqa: E501
+        ({"guidance_vae": " "}, r"Expected argument `guidance_vae` to be None or a non-empty string .* but got ' '"),
         ({"guidance_rescale": 1.5}, r"Expected argument `guidance_rescale` to be a number in \[0, 1\] but got 1.5"),
         ({"timestep_spacing": "fast"}, r"Expected argument `timestep_spacing` to be None or one of"),
         ({"height": 30}, r"Expected argument `height` to be None or a positive multiple of 8 but got 30"),
@@ -355,3 +357,29 @@ def test_a_classifier_with_nan_logits_gives_null_scores_not_a_crash(tmp_path, ca
     assert "Non-finite KLDB (nan)" in caplog.text
     with pytest.raises(ValueError, match="to have at least one image with finite scores but it has none"):
         setting_metrics(records)
+
+
+def test_guidance_vae_is_given_to_the_pipeline_and_recorded(tmp_path):
+    cfg = config(tmp_path / "run", seeds=2, guidance_vae="kldb.testing:tiny_guidance_vae")
+    run_sweep(cfg, progress=False)
+    records = assert_complete(tmp_path / "run", cfg)
+    decoders = {(r["alpha"], r["kldb_guidance_decoder"]) for r in records}
+    assert decoders == {(0.0, None), (0.3, "guidance_vae")}  # "auto" took the given guidance_vae
+    assert json.loads((tmp_path / "run" / "sweep.json").read_text())["fixed"]["guidance_vae"] == cfg.guidance_vae
+    # the same sweep through the VAE's decoder gives other guided images (the tiny decoder has random weights)
+    full = config(tmp_path / "full", seeds=2, guidance_vae="kldb.testing:tiny_guidance_vae", kldb_guidance_decoder="vae")
+    run_sweep(full, progress=False)
+    full_records = {(r["alpha"], r["seed"]): r for r in assert_complete(tmp_path / "full", full)}
+    assert {r["kldb_guidance_decoder"] for r in full_records.values()} == {None, "vae"}
+    for r in records:
+        other = full_records[(r["alpha"], r["seed"])]
+        assert (r["kldb"] == other["kldb"]) == (r["alpha"] == 0.0)
+
+
+def test_a_guidance_vae_spec_must_give_an_autoencoder():
+    from kldb.loading import load_guidance_vae
+
+    with pytest.raises(TypeError, match=r"`guidance_vae` 'kldb.testing:tiny_tokenizer' to return an autoencoder with a `decode` method but it returned CLIPTokenizer"):  # noqa: E501
+        load_guidance_vae("kldb.testing:tiny_tokenizer")
+    with pytest.raises(ValueError, match=r"Expected argument `guidance_vae` to name an importable `module:function`"):
+        load_guidance_vae("kldb.nothing:here")
