@@ -1211,8 +1211,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             kldb_guidance_interval (`int`, *optional*, defaults to 5):
                 k: guidance at steps k, 2k, ... (1-based).
             kldb_gradient (`str`, *optional*, defaults to `"unet"`):
-                `"unet"`: the gradient flows through the noise prediction, as in the authors' code; `"detached"`:
-                the step's own noise prediction is used without its Jacobian (no extra UNet call).
+                `"unet"`: the gradient flows through the noise prediction, as in the authors' code (the guided
+                step's own conditional UNet forward runs with gradients on and is reused: a UNet backward, no extra
+                forward); `"detached"`: the step's own noise prediction is used without its Jacobian (no UNet
+                backward).
             kldb_autocast_dtype (`torch.dtype`, *optional*):
                 Run only the guidance pass under `torch.autocast` in `torch.float16` or `torch.bfloat16` (on GPU).
                 float16 gradients are loss-scaled so that they do not underflow; updates that still fail are

@@ -306,6 +306,15 @@ def render_world_table(info: dict[str, Any]) -> str:
         rows.append(("VAE reconstruction MSE on the test digits", f"{vae['test_reconstruction_mse']:.4g}"))
     for name, count in (info.get("parameters") or {}).items():
         rows.append((f"parameters: {name}", f"{count:,}"))
+    small = info.get("guidance_vae") or {}
+    fidelity = small.get("fidelity") or {}
+    if "gradient_cosine_median" in fidelity:
+        name = (
+            f"guidance_vae (decoder {small.get('decoder_parameters', 0):,} parameters): cosine similarity of its KLDB "
+            f"gradients for classes {fidelity.get('classes')} to the VAE decoder's, median / 10th percentile, "
+            f"{fidelity.get('measured_on', 'held-out latents')}"
+        )
+        rows.append((name, f"{fidelity['gradient_cosine_median']:.3f} / {fidelity['gradient_cosine_q10']:.3f}"))
     if "unet_dtype" in info:
         rows.append(("UNet weights stored as", str(info["unet_dtype"])))
     if info.get("folder_bytes"):

@@ -26,7 +26,7 @@ def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     argv = [
         sys.executable, "-m", "benchmarks.bench_guidance", "--model", "tiny", "--steps", "2", "--interval", "2",
-        "--batch", "2", "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--options", "unet,detached+ckpt",
+        "--batch", "2", "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--options", "unet+gvae,detached+ckpt",
         "--threads", "1", "--json", str(out),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -48,14 +48,19 @@ def test_top_level_figures_are_finite_and_positive(tiny_result):
 
 def test_every_option_and_batch_is_reported(tiny_result):
     result, stdout = tiny_result
-    assert [row["option"] for row in result["options"]] == ["unet", "detached+ckpt"]
+    assert [row["option"] for row in result["options"]] == ["unet+gvae", "detached+ckpt"]
+    assert result["default_option"] == "unet+gvae"  # the tiny setting has a guidance_vae: "auto" uses it
+    assert [row["guidance_vae"] for row in result["options"]] == [True, False]
     for row in result["options"]:
-        for key in ("seconds_per_image", "guided_over_prompt_only", "measured_over_ideal", "step_alone_seconds",
-                    "ideal_seconds", "peak_memory_bytes", "peak_memory_ratio"):  # fmt: skip
+        for key in ("seconds_per_image", "guided_over_prompt_only", "measured_over_ideal", "ideal_seconds",
+                    "peak_memory_bytes", "peak_memory_ratio"):  # fmt: skip
             assert _positive(row[key]), (row["option"], key, row[key])
+        # a shared-forward step is a difference of two timings: finite, and on toy models it may come out <= 0
+        assert math.isfinite(row["step_alone_seconds"])
         assert row["guided_steps"] == 1 and row["guided_updates"] + row["skipped_updates"] == 2
         split = row["extra_seconds_split"]
         assert _positive(split["vae_decoder"]) and _positive(split["classifier"])
+        assert result["guidance_step"][row["option"]]["shares_unet_forward"] == (row["kldb_gradient"] == "unet")
         assert ("unet" in split) == (row["kldb_gradient"] == "unet")
         assert row["kldb_median"] is not None and row["kldb_median"] >= 0
     assert [row["batch"] for row in result["throughput"]] == [1, 2]

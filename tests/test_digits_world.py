@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderTiny
 from safetensors.torch import load_file
 
 from kldb import digits
 from kldb.digits.calibration import expected_calibration_error, fit_temperature
 from kldb.digits.data import augment, load_digits_split, split_indices
+from kldb.digits.guidance_decoder import GuidanceDecoderConfig
 from kldb.digits.train import VOCABULARY_WORDS, WorldConfig, build_tokenizer, build_world
 from kldb.metrics import frechet_distance
 
@@ -124,7 +126,7 @@ def test_built_tokenizer_gives_whole_words(tmp_path: Path):
 
 
 def test_training_script_runs_end_to_end_tiny(tmp_path: Path):
-    info = build_world(tmp_path / "world", seed=0, config=WorldConfig.tiny())
+    info = build_world(tmp_path / "world", seed=0, config=WorldConfig.tiny(), guidance_decoder=GuidanceDecoderConfig.tiny())
     folder = tmp_path / "world"
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "KLDBBoundaryPipeline"
@@ -132,7 +134,10 @@ def test_training_script_runs_end_to_end_tiny(tmp_path: Path):
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
     written = json.loads((folder / "world_info.json").read_text())
     assert written["seed"] == 0 and written["parameters"] == info["parameters"]
+    assert index["guidance_vae"] == ["diffusers", "AutoencoderTiny"]
+    assert set(written["guidance_vae"]["fidelity"]) >= {"gradient_cosine_median", "image_mse", "classifier_agreement"}
     pipeline = digits.load_pipeline(folder)
+    assert isinstance(pipeline.guidance_vae, AutoencoderTiny)
     assert pipeline.unet.dtype == torch.float32 and pipeline.vae.config.scaling_factor == pytest.approx(
         written["vae"]["scaling_factor"]
     )
@@ -142,8 +147,12 @@ def test_training_script_runs_end_to_end_tiny(tmp_path: Path):
     assert float(output.images.min()) >= 0.0 and float(output.images.max()) <= 1.0
     # the same seed rebuilds the same weights
     again = tmp_path / "again"
-    build_world(again, seed=0, config=WorldConfig.tiny())
-    for component, name in [("unet", "diffusion_pytorch_model.safetensors"), ("classifier", "model.safetensors")]:
+    build_world(again, seed=0, config=WorldConfig.tiny(), guidance_decoder=GuidanceDecoderConfig.tiny())
+    for component, name in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("classifier", "model.safetensors"),
+        ("guidance_vae", "diffusion_pytorch_model.safetensors"),
+    ]:
         first, second = load_file(folder / component / name), load_file(again / component / name)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first)

@@ -87,9 +87,9 @@ def test_the_callback_takes_a_decoder(plain):
 
 
 def test_bad_guidance_decoder_arguments(plain):
-    with pytest.raises(ValueError, match=r"`kldb_guidance_decoder` has to be one of \('auto', 'vae', 'guidance_vae'\) but is 'tiny'"):  # noqa: E501
+    with pytest.raises(ValueError, match=r"`kldb_guidance_decoder` has to be one of \('auto', 'vae', 'guidance_vae'\) but is 'tiny'"):
         plain(generator=gen(0), kldb_guidance_decoder="tiny", **KWARGS)
-    with pytest.raises(ValueError, match=r"`kldb_guidance_decoder='guidance_vae'` needs the pipeline's `guidance_vae` component, which is None"):  # noqa: E501
+    with pytest.raises(ValueError, match=r"`kldb_guidance_decoder='guidance_vae'` needs the pipeline's `guidance_vae` component, which is None"):
         plain(generator=gen(0), kldb_guidance_decoder="guidance_vae", **KWARGS)
 
 

@@ -286,7 +286,7 @@ def test_resume_with_other_image_settings_is_refused(tmp_path):
         ({"kldb_guidance_interval": 5}, r"`kldb_guidance_interval` to be at most num_inference_steps=4 but got 5"),
         ({"batch_size": 0}, r"Expected argument `batch_size` to be a positive integer but got 0"),
         ({"kldb_gradient": "exact"}, r"Expected argument `kldb_gradient` to be one of \['unet', 'detached'\]"),
-        ({"kldb_guidance_decoder": "taesd"}, r"Expected argument `kldb_guidance_decoder` to be one of \['auto', 'vae', 'guidance_vae'\] but got 'taesd'"),  # noqa: E501
+        ({"kldb_guidance_decoder": "taesd"}, r"Expected argument `kldb_guidance_decoder` to be one of \['auto', 'vae', 'guidance_vae'\] but got 'taesd'"),
         ({"guidance_vae": " "}, r"Expected argument `guidance_vae` to be None or a non-empty string .* but got ' '"),
         ({"guidance_rescale": 1.5}, r"Expected argument `guidance_rescale` to be a number in \[0, 1\] but got 1.5"),
         ({"timestep_spacing": "fast"}, r"Expected argument `timestep_spacing` to be None or one of"),
@@ -379,7 +379,7 @@ def test_guidance_vae_is_given_to_the_pipeline_and_recorded(tmp_path):
 def test_a_guidance_vae_spec_must_give_an_autoencoder():
     from kldb.loading import load_guidance_vae
 
-    with pytest.raises(TypeError, match=r"`guidance_vae` 'kldb.testing:tiny_tokenizer' to return an autoencoder with a `decode` method but it returned CLIPTokenizer"):  # noqa: E501
+    with pytest.raises(TypeError, match=r"`guidance_vae` 'kldb.testing:tiny_tokenizer' to return an autoencoder with a `decode` method but it returned CLIPTokenizer"):
         load_guidance_vae("kldb.testing:tiny_tokenizer")
     with pytest.raises(ValueError, match=r"Expected argument `guidance_vae` to name an importable `module:function`"):
         load_guidance_vae("kldb.nothing:here")

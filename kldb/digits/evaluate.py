@@ -23,7 +23,7 @@ from kldb.digits import WORLD_PATH, load_pipeline, world_info
 from kldb.digits.calibration import expected_calibration_error
 from kldb.digits.data import LABELS, load_digits_split
 from kldb.metrics import frechet_distance
-from pipeline_kldb_boundary import GRADIENT_MODES
+from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ def evaluate_table(
     kldb_gradient: str,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     known_rows: Sequence[dict[str, Any]] = (),
+    kldb_guidance_decoder: str = "vae",
 ) -> dict[str, Any]:
     """The paper's Table 1 on the digits world: median KLDB, entropy and FID per (beta, alpha), same seeds.
 
@@ -198,6 +199,7 @@ def evaluate_table(
         "num_inference_steps": steps,
         "kldb_guidance_interval": interval,
         "kldb_gradient": kldb_gradient,
+        "kldb_guidance_decoder": kldb_guidance_decoder,
         "real_reference": f"test split images of classes {list(TABLE_CLASSES)} (n={int(in_classes.sum())})",
         "fid_tolerance": FID_TOLERANCE,
         "rows": [],
@@ -217,6 +219,7 @@ def evaluate_table(
             result = generate(
                 pipeline, TABLE_PROMPT, num_images, seed, beta, steps, batch_size, classes=list(TABLE_CLASSES),
                 kldb_guidance_scale=alpha, kldb_guidance_interval=interval, kldb_gradient=kldb_gradient,
+                kldb_guidance_decoder=kldb_guidance_decoder,
             )  # fmt: skip
             kldb = result["kldb"].double().numpy()
             predicted = result["predicted_class"]
@@ -274,7 +277,8 @@ def table_markdown(table: dict[str, Any], title: str) -> list[str]:
     lines = [
         f'## {title}: prompt "{table["prompt"]}", classes {table["classes"]}, '
         f"{table['images_per_setting']} images per setting, {table['num_inference_steps']} LMS steps, "
-        f"interval {table['kldb_guidance_interval']}, guidance gradient `{table['kldb_gradient']}`",
+        f"interval {table['kldb_guidance_interval']}, guidance gradient `{table['kldb_gradient']}` through the "
+        f"`{table.get('kldb_guidance_decoder', 'vae')}` decoder",
         "",
         f"FID against {table['real_reference']}, in the classifier's penultimate feature space (which separates "
         "the audited classes, so images moved toward their boundary move away from both classes' real features).",
@@ -345,6 +349,7 @@ def write_results(path: Path, info: dict[str, Any]) -> None:
 def evaluate_world(
     path: Path, images_per_setting: int, images_per_digit: int, steps: int, interval: int, batch_size: int,
     kldb_gradient: str = "detached", betas: Sequence[float] = TABLE_BETAS, alphas: Sequence[float] = TABLE_ALPHAS,
+    kldb_guidance_decoder: str = "vae",
 ) -> dict[str, Any]:  # fmt: skip
     """Measure every quality figure of the world at `path`; write them into its world_info.json and RESULTS.md.
 
@@ -372,7 +377,7 @@ def evaluate_world(
 
     evaluation["table"] = evaluate_table(
         pipeline, probe, seed, images_per_setting, betas, alphas, steps, interval, batch_size, kldb_gradient,
-        on_row=save_partial,
+        on_row=save_partial, kldb_guidance_decoder=kldb_guidance_decoder,
     )  # fmt: skip
     evaluation["seconds"] = time.perf_counter() - started
     evaluation["complete"] = True
@@ -382,7 +387,7 @@ def evaluate_world(
 
 def evaluate_extra_table(
     path: Path, name: str, betas: Sequence[float], alphas: Sequence[float], images_per_setting: int, steps: int,
-    interval: int, batch_size: int, kldb_gradient: str,
+    interval: int, batch_size: int, kldb_gradient: str, kldb_guidance_decoder: str = "vae",
 ) -> dict[str, Any]:  # fmt: skip
     """A further (beta, alpha) grid, stored as ``evaluation.extra_tables[name]``; settings of the main table with
     the same images, steps, interval and gradient are reused (same seeds give the same images)."""
@@ -394,7 +399,7 @@ def evaluate_extra_table(
             ("images_per_setting", images_per_setting), ("num_inference_steps", steps),
             ("kldb_guidance_interval", interval), ("kldb_gradient", kldb_gradient),
         ]
-    )  # fmt: skip
+    ) and main_table.get("kldb_guidance_decoder", "vae") == kldb_guidance_decoder  # fmt: skip
     pipeline = load_pipeline(path)
     pipeline.set_progress_bar_config(disable=True)
 
@@ -406,6 +411,7 @@ def evaluate_extra_table(
     return evaluate_table(
         pipeline, ClassifierProbe(pipeline), info["seed"], images_per_setting, betas, alphas, steps, interval,
         batch_size, kldb_gradient, on_row=save, known_rows=main_table.get("rows", []) if same_settings else (),
+        kldb_guidance_decoder=kldb_guidance_decoder,
     )  # fmt: skip
 
 
@@ -420,6 +426,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--kldb-gradient", choices=GRADIENT_MODES, default="detached",
         help="how the guidance gradient treats the noise prediction (see the pipeline's `kldb_gradient`)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kldb-guidance-decoder", choices=GUIDANCE_DECODERS, default="vae",
+        help="whose decoder the guidance gradient goes through (see the pipeline's `kldb_guidance_decoder`); the "
+        "tables in RESULTS.md were measured with 'vae'",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
@@ -449,13 +460,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.extra_table is not None:
         evaluate_extra_table(
             args.world, args.extra_table, args.betas, args.alphas, args.images_per_setting, args.steps, args.interval,
-            args.batch_size, args.kldb_gradient,
+            args.batch_size, args.kldb_gradient, args.kldb_guidance_decoder,
         )  # fmt: skip
         print(results_markdown(world_info(args.world)))
         return
     info = evaluate_world(
         args.world, args.images_per_setting, args.images_per_digit, args.steps, args.interval, args.batch_size,
-        args.kldb_gradient,
+        args.kldb_gradient, kldb_guidance_decoder=args.kldb_guidance_decoder,
     )  # fmt: skip
     print(results_markdown(info))
 

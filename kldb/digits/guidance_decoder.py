@@ -167,13 +167,18 @@ def _kldb_cotangents(classify, images: torch.Tensor, generator: torch.Generator)
 
 
 def train_guidance_vae(
-    pipeline: Any, config: GuidanceDecoderConfig, generator: torch.Generator, rng: random.Random
+    pipeline: Any,
+    config: GuidanceDecoderConfig,
+    generator: torch.Generator,
+    rng: random.Random,
+    split_seed: int = 0,
 ) -> tuple[AutoencoderTiny, dict[str, Any]]:
-    """Distil the guidance decoder from ``pipeline`` (a loaded digits world); returns it and its training record."""
+    """Distil the guidance decoder from ``pipeline`` (a loaded digits world whose data split was drawn with
+    ``split_seed``); returns it and its training record."""
     vae, classify = pipeline.vae, _classifier_fn(pipeline)
     for module in (vae, pipeline.unet, pipeline.text_encoder, pipeline.classifier):
         module.requires_grad_(False).eval()
-    images, labels = load_digits_split("train", 0)
+    images, labels = load_digits_split("train", split_seed)
     started = time.perf_counter()
     bank = latent_bank(pipeline, images, labels, config, generator, rng, config.clean_copies, config.predicted_latents)
     # targets: the VAE decoder's output, and its vector-Jacobian product with a KLDB gradient (a random class pair
@@ -249,6 +254,7 @@ def fidelity(
     seed: int = 1,
     count: int = 512,
     classes: Sequence[int] = FIDELITY_CLASSES,
+    split_seed: int = 0,
 ) -> dict[str, Any]:
     """How well ``guidance_vae`` stands in for the VAE decoder, on held-out (test split) latents.
 
@@ -258,7 +264,7 @@ def fidelity(
     from pipeline_kldb_boundary import kldb_score
 
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    images, labels = load_digits_split("test", 0)
+    images, labels = load_digits_split("test", split_seed)
     half = count // 2
     bank = latent_bank(pipeline, images, labels, config, generator, rng, copies=1, predicted=half)
     bank = torch.cat([bank[: count - half], bank[-half:]])  # clean test latents, then predictions
@@ -299,16 +305,17 @@ def add_guidance_vae(world: Path, seed: int, config: GuidanceDecoderConfig) -> d
 
     torch.manual_seed(seed)
     pipeline = load_pipeline(world)
+    info_path = world / "world_info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    split_seed = int(info.get("seed", 0))  # the world's own train / test split
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    guidance_vae, record = train_guidance_vae(pipeline, config, generator, rng)
-    figures = fidelity(pipeline, guidance_vae, config)
+    guidance_vae, record = train_guidance_vae(pipeline, config, generator, rng, split_seed)
+    figures = fidelity(pipeline, guidance_vae, config, split_seed=split_seed)
     guidance_vae.save_pretrained(world / "guidance_vae", safe_serialization=True)
     index_path = world / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["guidance_vae"] = ["diffusers", "AutoencoderTiny"]
     atomic_write_text(index_path, json.dumps(dict(sorted(index.items())), indent=2) + "\n")
-    info_path = world / "world_info.json"
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     vae_parameters = sum(p.numel() for p in pipeline.vae.decoder.parameters()) + sum(
         p.numel() for p in pipeline.vae.post_quant_conv.parameters()
     )

@@ -1,7 +1,8 @@
 """Train the digits latent-diffusion world from a seed: classifier, VAE, CLIP text encoder, UNet, scheduler.
 
 Run ``python -m kldb.digits.train --out kldb/digits/world --seed 0`` (about an hour on 2 CPU cores) or add
-``--tiny`` for a smoke run of a few iterations. Everything is derived from `sklearn.datasets.load_digits`
+``--tiny`` for a smoke run of a few iterations. The last stage distils the small decoder the guidance gradient uses
+(``guidance_vae/``, :mod:`kldb.digits.guidance_decoder`). Everything is derived from `sklearn.datasets.load_digits`
 and the seed; the result is one folder in diffusers layout that `KLDBBoundaryPipeline.from_pretrained` loads.
 """
 
@@ -17,6 +18,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ from kldb.digits.data import IMAGE_SIZE, LABELS, augment, load_digits_split, spl
 
 logger = logging.getLogger(__name__)
 
-SCRIPT_VERSION = "1.0.0"
+SCRIPT_VERSION = "1.1.0"  # 1.1.0: adds the guidance_vae stage (1.0.0 worlds get it from kldb.digits.guidance_decoder)
 DEFAULT_GUIDANCE_SCALE = 7.5
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -557,8 +559,11 @@ def folder_size_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def build_world(out: Path, seed: int, config: WorldConfig) -> dict:
-    """Train every component from `seed` and write the world folder and its ``world_info.json``."""
+def build_world(out: Path, seed: int, config: WorldConfig, guidance_decoder: Any = None) -> dict:
+    """Train every component from `seed` and write the world folder and its ``world_info.json``.
+
+    ``guidance_decoder``: a :class:`~kldb.digits.guidance_decoder.GuidanceDecoderConfig` for the last stage (``None``:
+    its defaults)."""
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -646,6 +651,18 @@ def build_world(out: Path, seed: int, config: WorldConfig) -> dict:
     info_path = out / "world_info.json"
     info["folder_bytes"] = folder_size_bytes(out)
     info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    # the small decoder for the guidance gradient, distilled from the saved world (it records itself in the info)
+    from kldb.digits.guidance_decoder import GuidanceDecoderConfig, add_guidance_vae
+
+    started = time.perf_counter()
+    add_guidance_vae(out, seed, guidance_decoder or GuidanceDecoderConfig())
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info["training_seconds"]["guidance_vae"] = round(time.perf_counter() - started, 1)
+    info["training_seconds"]["total"] = round(
+        info["training_seconds"]["total"] + info["training_seconds"]["guidance_vae"], 1
+    )
+    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 
 
@@ -665,7 +682,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = WorldConfig.tiny() if args.tiny else WorldConfig()
     if args.unet_iterations is not None:
         config.unet_iterations = args.unet_iterations
-    info = build_world(args.out, args.seed, config)
+    from kldb.digits.guidance_decoder import GuidanceDecoderConfig
+
+    info = build_world(args.out, args.seed, config, GuidanceDecoderConfig.tiny() if args.tiny else None)
     print(json.dumps({key: info[key] for key in ("training_seconds", "parameters", "classifier", "vae")}, indent=2))
 
 
