@@ -692,10 +692,13 @@ class KLDBGuidanceCallback(PipelineCallback):
         try:
             yield
         finally:
-            if patched is None:
-                del unet.forward
-            else:
-                unet.forward = patched
+            # put back what was there, unless someone replaced the wrapper meanwhile (diffusers' model CPU offload
+            # re-installs accelerate's hooks at the end of a call): theirs stays
+            if unet.__dict__.get("forward") is shared_forward:
+                if patched is None:
+                    del unet.forward
+                else:
+                    unet.forward = patched
             self._armed, self._shared = False, None
 
     def _guided_unet_forward(self, forward: Callable[..., Any], sample: torch.Tensor, timestep: Any, args, kwargs):

@@ -924,9 +924,14 @@ def format_report(result: dict[str, Any]) -> str:
             "",
             "### Where the guided run's extra time goes (seconds per run at the main batch; pieces timed alone)",
             "",
-            "| option | measured extra | guided steps | step alone | UNet fwd+bwd | VAE decoder fwd+bwd | classifier "
+            "| option | measured extra | guided steps | step alone | UNet | decoder fwd+bwd | classifier "
             "fwd+bwd | rest of step | outside the steps |",
             "|---|---|---|---|---|---|---|---|---|",
+        ]
+        notes = [
+            "",
+            "UNet: forward+backward of the conditional noise prediction; where the guided step shares its UNet forward "
+            "(unet mode without autocast), what the shared forward and the backward add to the step's own UNet call.",
         ]
         for row in result["options"]:
             split = row["extra_seconds_split"]
@@ -936,6 +941,7 @@ def format_report(result: dict[str, Any]) -> str:
                 f"{_fmt(split['classifier'])} | {_fmt(split['other_guidance'])} | "
                 f"{_fmt(split['outside_guidance_steps'])} |"
             )
+        lines += notes
     if result.get("throughput"):
         lines += [
             "",

@@ -45,6 +45,9 @@ else:
     )
     # without this package installed: DiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4",
     #     custom_pipeline="<namespace>/kldb-boundary", trust_remote_code=True, custom_revision="<commit>")
+    # cheaper guidance (not the paper's exact gradient): add
+    #     guidance_vae=AutoencoderTiny.from_pretrained("madebyollin/taesd", torch_dtype=dtype)
+    # (from diffusers) to from_pretrained: the gradient then goes through TAESD, the images still through the VAE
 pipe = pipe.to(device)
 pipe.set_progress_bar_config(disable=True)
 pipe.set_lms_scheduler(timestep_spacing="trailing", use_karras_sigmas=True)  # Lin et al. (2024), as the paper

@@ -107,6 +107,8 @@ def run_demo(
         "beta": beta,
         "steps": steps,
         "interval": interval,
+        # the decoder the guidance gradient went through (the default "auto": the world's guidance_vae if it has one)
+        "guidance_decoder": "vae" if pipe.guidance_decoder() is pipe.vae else "guidance_vae",
         "seeds": seeds,
         "settings": {},
     }
@@ -136,7 +138,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# KLDB demo on the {report['world']}",
         "",
         f'Prompt "{report["prompt"]}", beta = {report["beta"]}, {report["steps"]} k-LMS steps, guidance every '
-        f"{report['interval']} steps, seeds {report['seeds'][0]}..{report['seeds'][-1]} (same for both rows).",
+        f"{report['interval']} steps (gradient through the `{report.get('guidance_decoder', 'vae')}` decoder), seeds "
+        f"{report['seeds'][0]}..{report['seeds'][-1]} (same for both rows).",
         "",
         "| setting | alpha | median KLDB | median entropy (nats) | predicted classes | seconds |",
         "|---|---|---|---|---|---|",

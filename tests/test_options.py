@@ -204,6 +204,17 @@ def test_shared_forward_restores_a_patched_forward_and_survives_errors(pipe):
         raise RuntimeError("boom")
     assert "forward" not in pipe.unet.__dict__
 
+    # a forward installed during the block (as accelerate's offload hooks are re-installed at the end of a call) stays
+    def replacement(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    try:
+        with guidance.sharing_unet_forward(pipe.unet):
+            pipe.unet.forward = replacement
+        assert pipe.unet.__dict__["forward"] is replacement
+    finally:
+        del pipe.unet.forward
+
     def failing(images):
         raise RuntimeError("classifier failed")
 

@@ -338,6 +338,23 @@ def results_markdown(info: dict[str, Any]) -> str:
     lines += table_markdown(table, "Table 1 on digits")
     for name, extra in evaluation.get("extra_tables", {}).items():
         lines += table_markdown(extra, f"Extra table `{name}`")
+    small = info.get("guidance_vae")
+    if small and "fidelity" in small:
+        figures = small["fidelity"]
+        lines += [
+            "## Guidance decoder (`guidance_vae/`)",
+            "",
+            f"An AutoencoderTiny distilled from the VAE by `{small['script']}` (seed {small['seed']}, "
+            f"{small['training_seconds'] / 60:.1f} min): {small['decoder_parameters']:,} decoder parameters against "
+            f"the VAE decoder's {small['vae_decoder_parameters']:,}. On {figures['measured_on']}:",
+            "",
+            f"- KLDB gradient for classes {figures['classes']} through it against through the VAE decoder, cosine "
+            f"similarity: median {figures['gradient_cosine_median']:.3f} (clean {figures['gradient_cosine_median_clean']:.3f}, "
+            f"predicted {figures['gradient_cosine_median_predicted']:.3f}), 10th percentile {figures['gradient_cosine_q10']:.3f}",
+            f"- image mean squared error against the VAE decoder: {figures['image_mse']:.2e}; the classifier's predicted "
+            f"class agrees on {100 * figures['classifier_agreement']:.1f}%",
+            "",
+        ]
     return "\n".join(lines)
 
 
