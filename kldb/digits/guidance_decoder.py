@@ -344,10 +344,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vjp-weight", type=float, default=None, help="override the VJP-matching weight")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    from kldb.digits.train import setup_process
+
+    setup_process(args.threads)
     config = GuidanceDecoderConfig.tiny() if args.tiny else GuidanceDecoderConfig()
     if args.iterations is not None:
         config.iterations = args.iterations

@@ -666,6 +666,15 @@ def build_world(out: Path, seed: int, config: WorldConfig, guidance_decoder: Any
     return info
 
 
+def setup_process(threads: int | None) -> None:
+    """Logging to stderr, the torch thread count, and flush-to-zero for the training scripts' processes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # denormal floats slow CPU training down several-fold; set here, for this process only (it is global state)
+    torch.set_flush_denormal(True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the world into")
@@ -674,11 +683,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--unet-iterations", type=int, default=None, help="override the UNet iteration count")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    # denormal floats slow CPU training down several-fold; set here, for this process only (it is global state)
-    torch.set_flush_denormal(True)
+    setup_process(args.threads)
     config = WorldConfig.tiny() if args.tiny else WorldConfig()
     if args.unet_iterations is not None:
         config.unet_iterations = args.unet_iterations
