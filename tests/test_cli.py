@@ -216,12 +216,17 @@ def test_ctrl_c_then_resume(tmp_path):
     from test_sweep import _environment, _lines_written, assert_complete, assert_consistent, config
 
     out = tmp_path / "run"
-    # enough work (120 calls) that the sweep is still running when the signal comes, even on a loaded machine where
-    # this process may be descheduled for seconds (with 24 calls, a CI run once finished the sweep first)
-    images = 120
+    images = 24
     argv = [sys.executable, "-m", "kldb.cli", "sweep", "--out", str(out), *TINY, "--alphas", "0", "0.3", "--betas", "3",
             "--num-images", str(images), "--no-progress"]  # fmt: skip
-    process = subprocess.Popen(argv, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def default_sigint() -> None:
+        # as in a terminal: a test run started in the background by a non-interactive shell inherits SIGINT ignored,
+        # and Python then leaves it ignored in the child, which would finish instead of stopping
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    process = subprocess.Popen(argv, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint)  # fmt: skip
     deadline = time.monotonic() + 240
     while process.poll() is None and _lines_written(out) < 5 and time.monotonic() < deadline:
         time.sleep(0.005)
