@@ -708,9 +708,10 @@ class KLDBGuidanceCallback(PipelineCallback):
         rows = sample.shape[0]
         # the number of images: the latent kept for this step (or the initial noise for a guided step 1)
         kept = self._z_prev if self._z_prev is not None else self.initial_latents
-        n = kept.shape[0] if kept is not None else rows
+        n = kept.shape[0] if kept is not None else 0
         splittable = (
-            not args
+            kept is not None  # otherwise the correction has no latent to start from and skips this step anyway
+            and not args
             and kwargs.get("return_dict", True) is False
             and not kwargs.get("added_cond_kwargs")
             and kwargs.get("timestep_cond") is None

@@ -629,6 +629,7 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
 
     # 2. Everyone reads what is done, then the pending work is split between the processes
     pipe, classifier, labels = _prepare_pipeline(config, device)
+    pipe.set_progress_bar_config(disable=True)  # the sweep's own bar counts images; per-call step bars would clutter it
     # the decoder the guidance goes through ("auto" resolved), named in every record
     has_small = getattr(pipe, "guidance_vae", None) is not None
     decoder = config.kldb_guidance_decoder
