@@ -1009,22 +1009,25 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         """
         self.vae.enable_gradient_checkpointing()
         self.unet.enable_gradient_checkpointing()
-        if getattr(self, "guidance_vae", None) is not None:
+        if self.guidance_vae is not None:
             self.guidance_vae.enable_gradient_checkpointing()
 
     def disable_guidance_checkpointing(self) -> None:
         """Undo :meth:`enable_guidance_checkpointing`."""
         self.vae.disable_gradient_checkpointing()
         self.unet.disable_gradient_checkpointing()
-        if getattr(self, "guidance_vae", None) is not None:
+        if self.guidance_vae is not None:
             self.guidance_vae.disable_gradient_checkpointing()
+
+    def resolve_guidance_decoder(self, choice: str = "auto") -> str:
+        """The component (``"vae"`` or ``"guidance_vae"``) whose decoder ``kldb_guidance_decoder=choice`` uses."""
+        if choice == "guidance_vae" or (choice == "auto" and self.guidance_vae is not None):
+            return "guidance_vae"
+        return "vae"
 
     def guidance_decoder(self, choice: str = "auto") -> torch.nn.Module:
         """The autoencoder whose decoder the guidance uses for ``kldb_guidance_decoder=choice``."""
-        small = getattr(self, "guidance_vae", None)
-        if choice == "guidance_vae" or (choice == "auto" and small is not None):
-            return small
-        return self.vae
+        return getattr(self, self.resolve_guidance_decoder(choice))
 
     def set_lms_scheduler(self, **overrides: Any) -> None:
         """Rebuild the k-LMS scheduler from its config with ``overrides``.
@@ -1092,7 +1095,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             raise ValueError(
                 f"`kldb_guidance_decoder` has to be one of {GUIDANCE_DECODERS} but is {kldb_guidance_decoder!r}."
             )
-        if kldb_guidance_decoder == "guidance_vae" and getattr(self, "guidance_vae", None) is None:
+        if kldb_guidance_decoder == "guidance_vae" and self.guidance_vae is None:
             raise ValueError(
                 "`kldb_guidance_decoder='guidance_vae'` needs the pipeline's `guidance_vae` component, which is None: "
                 "pass `guidance_vae=` to `from_pretrained` or the constructor (e.g. "

@@ -108,7 +108,7 @@ def run_demo(
         "steps": steps,
         "interval": interval,
         # the decoder the guidance gradient went through (the default "auto": the world's guidance_vae if it has one)
-        "guidance_decoder": "vae" if pipe.guidance_decoder() is pipe.vae else "guidance_vae",
+        "guidance_decoder": pipe.resolve_guidance_decoder(),
         "seeds": seeds,
         "settings": {},
     }

@@ -629,12 +629,10 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
 
     # 2. Everyone reads what is done, then the pending work is split between the processes
     pipe, classifier, labels = _prepare_pipeline(config, device)
-    pipe.set_progress_bar_config(disable=True)  # the sweep's own bar counts images; per-call step bars would clutter it
-    # the decoder the guidance goes through ("auto" resolved), named in every record
-    has_small = getattr(pipe, "guidance_vae", None) is not None
-    decoder = config.kldb_guidance_decoder
-    if decoder == "auto":
-        decoder = "guidance_vae" if has_small else "vae"
+    pipe.set_progress_bar_config(
+        disable=True
+    )  # the sweep's own bar counts images; per-call step bars would clutter it
+    decoder = pipe.resolve_guidance_decoder(config.kldb_guidance_decoder)  # named in every record
     settings = build_settings(config, labels)
     if state.is_main_process:
         with _stop_on_full_disk(out / CONFIG_NAME, 0):

@@ -36,6 +36,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, LMSDiscreteScheduler, UNet
 from tqdm.auto import tqdm
 
 from kldb.digits.data import LABELS, augment, load_digits_split
+from kldb.digits.train import count_parameters, folder_size_bytes, setup_process
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ def fidelity(
 def add_guidance_vae(world: Path, seed: int, config: GuidanceDecoderConfig) -> dict[str, Any]:
     """Train the guidance decoder for the world in ``world`` and write it there (see the module docstring)."""
     from kldb.digits import load_pipeline
-    from kldb.io import atomic_write_text
+    from kldb.io import atomic_write_json
 
     torch.manual_seed(seed)
     pipeline = load_pipeline(world)
@@ -315,23 +316,21 @@ def add_guidance_vae(world: Path, seed: int, config: GuidanceDecoderConfig) -> d
     index_path = world / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["guidance_vae"] = ["diffusers", "AutoencoderTiny"]
-    atomic_write_text(index_path, json.dumps(dict(sorted(index.items())), indent=2) + "\n")
-    vae_parameters = sum(p.numel() for p in pipeline.vae.decoder.parameters()) + sum(
-        p.numel() for p in pipeline.vae.post_quant_conv.parameters()
-    )
+    atomic_write_json(index_path, dict(sorted(index.items())))
     info["guidance_vae"] = {
         "script": "python -m kldb.digits.guidance_decoder",
         "script_version": SCRIPT_VERSION,
         "seed": seed,
         "config": dataclasses.asdict(config),
-        "decoder_parameters": sum(p.numel() for p in guidance_vae.decoder.parameters()),
-        "vae_decoder_parameters": vae_parameters,
+        "decoder_parameters": count_parameters(guidance_vae.decoder),
+        "vae_decoder_parameters": count_parameters(pipeline.vae.decoder)
+        + count_parameters(pipeline.vae.post_quant_conv),
         **record,
         "fidelity": figures,
     }
     if "folder_bytes" in info:
-        info["folder_bytes"] = sum(p.stat().st_size for p in world.rglob("*") if p.is_file())
-    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+        info["folder_bytes"] = folder_size_bytes(world)
+    atomic_write_json(info_path, info)
     return info["guidance_vae"]
 
 
@@ -344,8 +343,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vjp-weight", type=float, default=None, help="override the VJP-matching weight")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    from kldb.digits.train import setup_process
-
     setup_process(args.threads)
     config = GuidanceDecoderConfig.tiny() if args.tiny else GuidanceDecoderConfig()
     if args.iterations is not None:
