@@ -656,6 +656,11 @@ class KLDBGuidanceCallback(PipelineCallback):
             embeds = callback_kwargs["prompt_embeds"]
             self._captured = embeds.chunk(2)[1] if cfg else embeds
 
+    @property
+    def shares_unet_forward(self) -> bool:
+        """Whether :meth:`sharing_unet_forward` acts: ``"unet"`` mode without ``autocast_dtype``."""
+        return self.gradient == "unet" and self.autocast_dtype is None
+
     @contextmanager
     def sharing_unet_forward(self, unet: torch.nn.Module) -> Iterator[None]:
         r"""Within the block, guided steps run their conditional UNet forward with gradients on, for the guidance.
@@ -676,7 +681,7 @@ class KLDBGuidanceCallback(PipelineCallback):
                 pipe("three and eight", callback_on_step_end=guidance,
                      callback_on_step_end_tensor_inputs=guidance.tensor_inputs)
         """
-        if self.gradient != "unet" or self.autocast_dtype is not None:
+        if not self.shares_unet_forward:
             yield
             return
         patched = unet.__dict__.get("forward")  # an instance-level forward (accelerate hooks, torch.compile) or None

@@ -512,7 +512,7 @@ class Bench:
         eps_cotangent = torch.randn(z.shape, generator=cotangent, device=self.device, dtype=z.dtype)
         image_cotangent = torch.randn(image.shape, generator=cotangent, device=self.device, dtype=image.dtype)
 
-        shares = option.kldb_gradient == "unet" and option.autocast_dtype is None  # see sharing_unet_forward
+        shares = guidance.shares_unet_forward
         cfg = captured.uncond_embeds is not None
 
         @torch.no_grad()
@@ -533,10 +533,7 @@ class Bench:
 
         @torch.no_grad()
         def step() -> None:
-            if shares:
-                with guided_unet_call():
-                    guidance.correction(pipe, captured.step_index, captured.timestep, z, used)
-            else:
+            with guided_unet_call() if shares else contextlib.nullcontext():
                 guidance.correction(pipe, captured.step_index, captured.timestep, z, used)
 
         @torch.enable_grad()
