@@ -13,7 +13,7 @@
 # limitations under the License.
 """KLDB-guided latent diffusion: images on a classifier's decision boundary for any class subset.
 
-Implements "Stress-testing the decision boundary of image classifiers with latent diffusion" (KLDB guidance):
+Implements "Stress Testing Classifiers around the Decision Boundary with Latent Diffusion" (KLDB guidance):
 Stable Diffusion sampled with the deterministic k-LMS scheduler, classifier-free guidance for the prompt, and every
 ``k`` steps a correction of the latent along the normalised gradient of the KL divergence from the uniform
 distribution over the chosen classes to the classifier's softmax.
@@ -26,7 +26,7 @@ import difflib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, LMSDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.image_processor import PipelineImageInput
-from diffusers.utils import BaseOutput, logging
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -112,6 +112,23 @@ def _check_logits(logits: Any) -> torch.Tensor:
         raise ValueError(f"Expected argument `logits` to be a floating-point tensor of shape [B, n] but got {got}.")
     # float16/bfloat16 logits are scored in float32: the log-probabilities of rare classes need the range
     return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def checked_logits(logits: Any, batch: int, name: str = "classifier") -> torch.Tensor:
+    """``logits`` if it is a floating-point ``[batch, n]`` tensor; otherwise an error that names ``name``.
+
+    A classifier that returns logits for fewer (or more) images than it was given would otherwise be scored against
+    the wrong images, or broadcast silently.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"Expected the `{name}` to return floating-point logits of shape [B, n] but it returned {got}.")
+    if logits.shape[0] != batch:
+        raise ValueError(
+            f"Expected the `{name}` to return logits for each of the {batch} images it was given but it returned "
+            f"{logits.shape[0]} rows."
+        )
+    return logits
 
 
 def kldb_score(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -549,6 +566,85 @@ def latents_are_usable(latents: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.isfinite(flat).all(dim=1) & (rms <= MAX_LATENT_STDS * (sigma**2 + 1) ** 0.5)
 
 
+def _select_rows(value: Any, rows: slice, total: int) -> Any:
+    """``value`` restricted to the batch rows ``rows`` wherever it is batched (a leading dimension of ``total``)."""
+    if torch.is_tensor(value):
+        return value[rows] if value.ndim > 0 and value.shape[0] == total else value
+    if isinstance(value, dict):
+        return {key: _select_rows(item, rows, total) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_select_rows(item, rows, total) for item in value)
+    return value
+
+
+def _noise_prediction(output: Any) -> torch.Tensor:
+    """The noise prediction of a UNet call, returned as a tuple (``return_dict=False``) or an output dataclass."""
+    return output[0] if isinstance(output, (tuple, list)) else output.sample
+
+
+@dataclass
+class _UNetCall:
+    """One UNet call of a guided step, as :class:`KLDBUNetHook` saw it: what the step-end correction needs.
+
+    ``sample`` is the scaled UNet input of all batch rows, ``kwargs`` the call's other arguments, ``forward`` the
+    UNet's forward below the hook, ``prediction`` the (detached) noise prediction of all rows, and ``shared`` the
+    conditional rows' input (with ``requires_grad``) and noise prediction with its graph, when the call was split.
+    """
+
+    step_index: int | None
+    sample: torch.Tensor  # (R, c, h, w)
+    timestep: Any
+    kwargs: dict[str, Any]
+    forward: Callable[..., Any]
+    prediction: torch.Tensor  # (R, c, h, w)
+    rows: slice | None = None
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class _CallState:
+    """What a :class:`KLDBGuidanceCallback` keeps during one sampling call; replaced when a call starts."""
+
+    guided_updates: int = 0
+    skipped_updates: int = 0
+    shared_forwards: int = 0
+    batch: int | None = None  # latents per step, seen at the last step end
+    negative_prompt_embeds: torch.Tensor | None = None  # seen at the last step end
+    record: _UNetCall | None = None  # the UNet call of the current guided step
+    started_by_hook: bool = False
+
+
+class KLDBUNetHook(ModelHook):
+    """A diffusers model hook on the UNet that lets a :class:`KLDBGuidanceCallback` see the sampling loop's UNet calls.
+
+    Registered through diffusers' :class:`~diffusers.hooks.HookRegistry` under the name ``"kldb_guidance"``, so it
+    composes with diffusers' and accelerate's own hooks (offloading, layerwise casting, caching). While no guidance is
+    attached it only passes the call through.
+    """
+
+    name = "kldb_guidance"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guidance: KLDBGuidanceCallback | None = None
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if self.guidance is None:
+            return forward(*args, **kwargs)
+        return self.guidance.unet_forward(forward, args, kwargs)
+
+    @classmethod
+    def on(cls, unet: torch.nn.Module) -> "KLDBUNetHook":
+        """The hook registered on ``unet``, registering it first if it is not there yet."""
+        registry = HookRegistry.check_if_exists_or_initialize(unet)
+        hook = registry.get_hook(cls.name)
+        if hook is None:
+            hook = cls()
+            registry.register_hook(hook, cls.name)
+        return hook
+
+
 class KLDBGuidanceCallback(PipelineCallback):
     r"""Step-end callback applying KLDB guidance (Equation 2) around the k-LMS step.
 
@@ -560,29 +656,41 @@ class KLDBGuidanceCallback(PipelineCallback):
 
     (the sign descends KLDB). For k-LMS with an epsilon model, adding the correction to :math:`z_t` before the step
     (with the step's noise prediction taken at the uncorrected :math:`z_t`) equals adding it after. This callback
-    therefore runs at the end of step ``s``: it keeps :math:`z_t` from the end of step ``s - 1`` (or the initial
-    noise for ``s = 1``), computes the gradient there with :math:`\sigma_t`, and subtracts :math:`\alpha\nabla^*`
-    from the latent the step produced. In ``"detached"`` mode the step's own conditional noise prediction is reused,
-    so guidance costs one decoder and classifier forward/backward and no extra UNet call. In ``"unet"`` mode, inside
-    :meth:`sharing_unet_forward` (which :class:`KLDBBoundaryPipeline` always uses), the guided step's own conditional
-    UNet forward is run with gradients on and reused, so guidance costs a UNet backward but no extra UNet forward;
-    without it (the callback alone on another pipeline) the conditional noise prediction is computed again.
+    therefore runs at the end of step ``s`` and subtracts :math:`\alpha\nabla^*` from the latent the step produced.
+
+    It sees the step's own UNet call through a diffusers model hook (:class:`KLDBUNetHook`, registered on the UNet
+    through ``diffusers.hooks.HookRegistry``), which gives it :math:`z_t` (the UNet input times
+    :math:`\sqrt{\sigma_t^2 + 1}`), the conditional rows' inputs and their noise prediction: nothing is read from the
+    pipeline's local variables. The conditional rows are told apart from the unconditional ones by comparing the
+    call's ``encoder_hidden_states`` with the step's ``negative_prompt_embeds``. In ``"detached"`` mode the step's
+    own conditional noise prediction is reused: guidance costs one decoder and classifier forward/backward and no
+    UNet call. In ``"unet"`` mode the guided step's conditional rows run their UNet forward with gradients on, and
+    the correction backpropagates through that graph: a UNet backward but no extra forward (except where the rows
+    cannot be told apart before the call, e.g. a guided first step, or under ``autocast_dtype``: then the
+    conditional prediction is computed again at the step's end).
+
+    Use it alone on a ``StableDiffusionPipeline`` with a k-LMS scheduler::
+
+        guidance = KLDBGuidanceCallback(classifier, [3, 8], guidance_scale=0.1, interval=5)
+        with guidance.attached(pipe):  # optional: without it, the hook is attached at the end of step 1
+            pipe("three and eight", callback_on_step_end=guidance)
+
+    All state is per call: it is reset when a call starts, so one instance can be reused.
 
     Args:
-        classifier: maps images ``(B, 3, H, W)`` in ``[0, 1]`` to logits.
+        classifier: maps images ``(B, 3, H, W)`` in ``[0, 1]`` to logits ``(B, n)``.
         classes: validated class indices.
         guidance_scale: :math:`\alpha`.
         interval: :math:`k`, guidance at steps ``k, 2k, ...`` (1-based).
         gradient: ``"unet"`` (the authors' code: gradient through the noise prediction) or ``"detached"``.
-        do_classifier_free_guidance: whether the pipeline batches unconditional and conditional inputs.
-        initial_latents: the noise the first step starts from, before ``init_noise_sigma`` scaling; needed only
-            when step 1 is guided (``interval == 1``).
         autocast_dtype: run the guidance pass under ``torch.autocast`` in this dtype (``torch.float16`` or
             ``torch.bfloat16``); ``None`` runs it in the components' own dtype.
         decoder: the autoencoder whose ``decode`` the guidance backpropagates through (a small stand-in for the
             pipeline's VAE such as diffusers' ``AutoencoderTiny``; it gets ``x0 / decoder.config.scaling_factor``);
             ``None`` uses ``pipeline.vae``. The returned images are always decoded by the pipeline's VAE.
     """
+
+    tensor_inputs = ["latents", "negative_prompt_embeds"]
 
     def __init__(
         self,
@@ -591,12 +699,15 @@ class KLDBGuidanceCallback(PipelineCallback):
         guidance_scale: float = 0.1,
         interval: int = 5,
         gradient: str = "unet",
-        do_classifier_free_guidance: bool = True,
-        initial_latents: torch.Tensor | None = None,
         autocast_dtype: torch.dtype | None = None,
         decoder: torch.nn.Module | None = None,
     ):
         super().__init__(cutoff_step_ratio=1.0)
+        if not callable(classifier):
+            raise TypeError(
+                f"Expected argument `classifier` to be a callable mapping images to logits but got "
+                f"{type(classifier).__name__}."
+            )
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"`kldb_gradient` has to be one of {GRADIENT_MODES} but is {gradient!r}.")
         if autocast_dtype not in AUTOCAST_DTYPES:
@@ -608,195 +719,196 @@ class KLDBGuidanceCallback(PipelineCallback):
                 f"`decoder` has to be an autoencoder with a `decode` method (e.g. AutoencoderTiny) but is "
                 f"{type(decoder).__name__}."
             )
-        self.autocast_dtype = autocast_dtype
-        self.decoder = decoder
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"Expected argument `interval` to be a positive integer but got {interval!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"Expected argument `guidance_scale` to be a float but got {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"Expected argument `guidance_scale` to be finite and >= 0 but got {guidance_scale}.")
         self.classifier = classifier
         self.classes = list(classes)
         self.guidance_scale = float(guidance_scale)
-        self.interval = int(interval)
+        self.interval = interval
         self.gradient = gradient
-        self.do_classifier_free_guidance = do_classifier_free_guidance
-        self.initial_latents = initial_latents
-        self.skipped_updates = 0
-        self.guided_updates = 0
-        self._z_prev: torch.Tensor | None = None
-        self._captured: torch.Tensor | None = None
-        self._captured_step: int | None = None
-        # the next UNet call is the forward of a guided step (step 1 when it is guided)
-        self._armed = self.is_guided(1)
-        # (scaled conditional UNet input with requires_grad, its noise prediction with the graph) of the guided step
-        self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.shared_forwards = 0
+        self.autocast_dtype = autocast_dtype
+        self.decoder = decoder
+        self._state = _CallState()
+        self._pipeline: Any = None  # the pipeline whose UNet the hook is attached to
+        self._auto_attached = False
+
+    # --- read-outs of the current (or last) call ---------------------------------------------------------------------
 
     @property
-    def tensor_inputs(self) -> list[str]:
-        if self.gradient == "unet":
-            return ["latents", "prompt_embeds"]
-        # "noise_pred_text" exists in the sampling loop only while classifier-free guidance is on
-        return ["latents", "noise_pred", *(["noise_pred_text"] if self.do_classifier_free_guidance else [])]
+    def guided_updates(self) -> int:
+        """Per-sample guidance updates applied in the current (or last) call."""
+        return self._state.guided_updates
+
+    @property
+    def skipped_updates(self) -> int:
+        """Per-sample updates skipped in the current (or last) call: zero or non-finite gradient, or an updated
+        latent that would not stay finite (see :func:`latents_are_usable`)."""
+        return self._state.skipped_updates
+
+    @property
+    def shared_forwards(self) -> int:
+        """Guided steps of the current (or last) call whose conditional UNet forward the gradient reused."""
+        return self._state.shared_forwards
+
+    @property
+    def shares_unet_forward(self) -> bool:
+        """Whether guided steps reuse their own conditional UNet forward: ``"unet"`` mode without autocast."""
+        return self.gradient == "unet" and self.autocast_dtype is None
 
     def is_guided(self, step: int) -> bool:
         """Whether the 1-based step ``step`` is a guided step."""
         return step % self.interval == 0
 
-    def capture(self, pipeline: Any, step_index: int, callback_kwargs: dict) -> None:
-        """Keep what the step that just ended used: its conditional noise prediction or text embedding.
-
-        Runs before any user callback (which may change the embeddings or switch classifier-free guidance off, as
-        diffusers' ``SDCFGCutoffCallback`` does) so that the gradient is taken with what the step itself used.
-        """
-        self._captured_step = step_index
-        if not self.is_guided(step_index + 1):
-            self._captured = None
-            return
-        cfg = bool(getattr(pipeline, "do_classifier_free_guidance", self.do_classifier_free_guidance))
-        if self.gradient == "detached":
-            self._captured = callback_kwargs["noise_pred_text"] if cfg else callback_kwargs["noise_pred"]
-        else:
-            embeds = callback_kwargs["prompt_embeds"]
-            self._captured = embeds.chunk(2)[1] if cfg else embeds
-
-    @property
-    def shares_unet_forward(self) -> bool:
-        """Whether :meth:`sharing_unet_forward` acts: ``"unet"`` mode without ``autocast_dtype``."""
-        return self.gradient == "unet" and self.autocast_dtype is None
+    # --- the hook ----------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def sharing_unet_forward(self, unet: torch.nn.Module) -> Iterator[None]:
-        r"""Within the block, guided steps run their conditional UNet forward with gradients on, for the guidance.
+    def attached(self, pipeline: Any) -> Iterator["KLDBGuidanceCallback"]:
+        """Within the block, the UNet hook of ``pipeline`` reports the sampling loop's UNet calls to this callback.
 
-        ``"unet"`` mode needs :math:`\partial\epsilon/\partial z_t` at the latent the guided step starts from, which is
-        the input of that step's own conditional UNet forward. Inside this block the callback wraps ``unet.forward``:
-        at a guided step it runs the unconditional half of the batch as usual (no gradients) and the conditional half
-        with gradients on, hands the sampler the same noise prediction, and keeps the graph for the correction at the
-        step's end, so the UNet runs forward once per guided step instead of twice. Other steps call the UNet
-        unchanged. Does nothing in ``"detached"`` mode or under ``autocast_dtype`` (the sampler must not get a noise
-        prediction made in another precision); calls it cannot split exactly (IP-Adapter or timestep-conditioning
-        inputs, ``return_dict=True``) run unchanged and the correction computes the prediction again.
-
-        Example::
-
-            guidance = KLDBGuidanceCallback(classifier, [3, 8], gradient="unet")
-            with guidance.sharing_unet_forward(pipe.unet):
-                pipe("three and eight", callback_on_step_end=guidance,
-                     callback_on_step_end_tensor_inputs=guidance.tensor_inputs)
+        :class:`KLDBBoundaryPipeline` does this for every guided call. Used alone, the callback attaches itself at
+        the end of the first step and detaches at the end of the last; attaching beforehand lets a guided first step
+        reuse its own UNet forward.
         """
-        if not self.shares_unet_forward:
-            yield
-            return
-        patched = unet.__dict__.get("forward")  # an instance-level forward (accelerate hooks, torch.compile) or None
-        forward = unet.forward
-
-        def shared_forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-            if not self._armed:
-                return forward(sample, timestep, *args, **kwargs)
-            self._armed = False
-            return self._guided_unet_forward(forward, sample, timestep, args, kwargs)
-
-        unet.forward = shared_forward
+        hook = KLDBUNetHook.on(pipeline.unet)
+        if hook.guidance is not None and hook.guidance is not self:
+            if not hook.guidance._auto_attached:
+                raise ValueError("Another KLDBGuidanceCallback is already attached to this pipeline's UNet.")
+            hook.guidance._detach()
+        hook.guidance, self._pipeline, self._auto_attached = self, pipeline, False
         try:
-            yield
+            yield self
         finally:
-            # put back what was there, unless someone replaced the wrapper meanwhile (diffusers' model CPU offload
-            # re-installs accelerate's hooks at the end of a call): theirs stays
-            if unet.__dict__.get("forward") is shared_forward:
-                if patched is None:
-                    del unet.forward
-                else:
-                    unet.forward = patched
-            self._armed, self._shared = False, None
+            self._detach()
 
-    def _guided_unet_forward(self, forward: Callable[..., Any], sample: torch.Tensor, timestep: Any, args, kwargs):
-        """The guided step's UNet call: the conditional rows with gradients on (kept in ``_shared``), the rest not."""
-        self._shared = None
-        embeds = kwargs.get("encoder_hidden_states")
-        rows = sample.shape[0]
-        # the number of images: the latent kept for this step (or the initial noise for a guided step 1)
-        kept = self._z_prev if self._z_prev is not None else self.initial_latents
-        n = kept.shape[0] if kept is not None else 0
-        splittable = (
-            kept is not None  # otherwise the correction has no latent to start from and skips this step anyway
-            and not args
-            and kwargs.get("return_dict", True) is False
-            and not kwargs.get("added_cond_kwargs")
-            and kwargs.get("timestep_cond") is None
-            and embeds is not None
-            and embeds.shape[0] == rows
-            and rows in (n, 2 * n)
-            and not (torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() > 1)
-        )
-        if not splittable:
-            return forward(sample, timestep, *args, **kwargs)
-        call = {k: v for k, v in kwargs.items() if k != "encoder_hidden_states"}
-        cond_input = sample[rows - n :].detach().requires_grad_(True)  # diffusers batches (uncond, cond)
-        outputs = []
-        if rows == 2 * n:
-            outputs.append(forward(sample[:n], timestep, encoder_hidden_states=embeds[:n], **call)[0])
+    def _detach(self) -> None:
+        if self._pipeline is not None:
+            hook = KLDBUNetHook.on(self._pipeline.unet)
+            if hook.guidance is self:
+                hook.guidance = None
+        self._pipeline, self._auto_attached = None, False
+        self._state.record = None  # an unused graph is not kept alive
+
+    def unet_forward(self, forward: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A UNet call of the sampling loop, seen through :class:`KLDBUNetHook`; returns what ``forward`` returns.
+
+        At a guided step it keeps the call for the step-end correction, and in ``"unet"`` mode, when the conditional
+        rows are known, it runs them with gradients on (the other rows as usual) and returns the same prediction.
+        """
+        scheduler = getattr(self._pipeline, "scheduler", None)
+        step_index = getattr(scheduler, "step_index", None)
+        if step_index == 0:  # a new sampling call starts
+            if self._auto_attached:  # attached by the last call's callback, not by this call
+                self._detach()
+                return forward(*args, **kwargs)
+            self._state = _CallState(started_by_hook=True)
+        if step_index is None or not self.is_guided(step_index + 1) or len(args) > 3:
+            return forward(*args, **kwargs)
+        call = dict(kwargs)
+        call.update(zip(("sample", "timestep", "encoder_hidden_states"), args))
+        if "sample" not in call or "timestep" not in call:
+            return forward(*args, **kwargs)
+        sample, timestep = call.pop("sample"), call.pop("timestep")
+        state = self._state
+        rows = self._conditional_rows(call.get("encoder_hidden_states"), state.negative_prompt_embeds, state.batch)
+        total = sample.shape[0]
+        if (
+            rows is None
+            or not self.shares_unet_forward
+            or call.get("return_dict", True) is not False
+            or (torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() > 1)
+        ):
+            output = forward(sample, timestep, **call)
+            state.record = _UNetCall(step_index, sample, timestep, call, forward, _noise_prediction(output).detach())
+            return output
+        cond_input = sample[rows].detach().requires_grad_(True)
         with torch.enable_grad():
-            eps = forward(cond_input, timestep, encoder_hidden_states=embeds[rows - n :], **call)[0]
-        outputs.append(eps.detach())
-        self._shared = (cond_input, eps)
-        self.shared_forwards += 1
-        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0],)
+            eps = forward(cond_input, timestep, **_select_rows(call, rows, total))[0]
+        parts = [eps.detach()]
+        if rows.start > 0:  # the unconditional rows come first
+            parts.insert(0, forward(sample[: rows.start], timestep, **_select_rows(call, slice(0, rows.start), total))[0])
+        elif rows.stop < total:
+            parts.append(forward(sample[rows.stop :], timestep, **_select_rows(call, slice(rows.stop, total), total))[0])
+        prediction = torch.cat(parts) if len(parts) > 1 else parts[0]
+        state.record = _UNetCall(step_index, sample, timestep, call, forward, prediction, rows, (cond_input, eps))
+        state.shared_forwards += 1
+        return (prediction,)
 
-    def _predict_eps_fn(self, pipeline: Any, t: Any, cond: torch.Tensor, sigma: float):
-        def predict_eps(z: torch.Tensor) -> torch.Tensor:
-            return pipeline.unet(
-                lms_scale_model_input(z, sigma).to(pipeline.unet.dtype),
-                t,
-                encoder_hidden_states=cond,
-                cross_attention_kwargs=getattr(pipeline, "cross_attention_kwargs", None),
-                return_dict=False,
-            )[0].to(z.dtype)
+    @staticmethod
+    def _conditional_rows(embeds: Any, negative: Any, batch: int | None) -> slice | None:
+        """The rows of a UNet call's batch that hold the conditional (prompt) inputs, or ``None`` if unknown.
 
-        return predict_eps
+        With ``batch`` latents, a call of ``batch`` rows is conditional only (no classifier-free guidance); a call of
+        ``2 * batch`` rows holds the unconditional and the conditional halves, told apart by which half equals
+        ``negative`` (the step's ``negative_prompt_embeds``).
+        """
+        if not torch.is_tensor(embeds) or batch is None:
+            return None
+        total = embeds.shape[0]
+        if total == batch:
+            return slice(0, total)
+        if total != 2 * batch or not torch.is_tensor(negative) or negative.shape != embeds[:batch].shape:
+            return None
+        negative = negative.to(device=embeds.device, dtype=embeds.dtype)
+        if torch.equal(embeds[:batch], negative):
+            return slice(batch, total)
+        if torch.equal(embeds[batch:], negative):
+            return slice(0, batch)
+        return None
 
-    def correction(self, pipeline: Any, step_index: int, timestep: Any, z: torch.Tensor, captured: torch.Tensor):
-        """``(-alpha * g*, ok)`` for the latent ``z`` that step ``step_index`` (0-based) started from.
+    # --- the correction ----------------------------------------------------------------------------------------------
 
-        In float16 (a float16 VAE, or ``autocast_dtype=torch.float16``) the loss is scaled by 2^16 so that small
-        gradients do not flush to zero; samples whose scaled gradient overflows are redone at 2^8, then 1.
+    def correction(
+        self, pipeline: Any, step_index: int, record: _UNetCall, rows: slice, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(-alpha * g*, ok)`` for the latent that step ``step_index`` (0-based) started from, in ``dtype``.
+
+        ``record`` is the step's UNet call and ``rows`` its conditional rows. In float16 (a float16 VAE, or
+        ``autocast_dtype=torch.float16``) the loss is scaled by 2^16 so that small gradients do not flush to zero;
+        samples whose scaled gradient overflows are redone at 2^8, then 1.
         """
         sigma = float(pipeline.scheduler.sigmas[step_index])
+        c = (sigma**2 + 1) ** 0.5  # k-LMS input scaling: the UNet got z / c
         vae = self.decoder if self.decoder is not None else pipeline.vae
 
         def decode(x0: torch.Tensor) -> torch.Tensor:
             return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
 
+        def classify(images: torch.Tensor) -> torch.Tensor:
+            return checked_logits(self.classifier(images), images.shape[0], "classifier")
+
+        total = record.sample.shape[0]
+        z = record.sample[rows].detach().to(dtype) * c  # (B, c, h, w) the latent the step started from
         half = (self.autocast_dtype or vae.dtype) == torch.float16
+        autocast = torch.autocast(z.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        scaled = eps = None
+        if self.gradient == "unet":
+            if record.shared is not None and record.rows == rows:
+                scaled, eps = record.shared
+            else:  # the conditional prediction again, with gradients
+                scaled = record.sample[rows].detach().requires_grad_(True)
+                with torch.enable_grad(), autocast:
+                    kwargs = _select_rows(record.kwargs, rows, total)
+                    eps = _noise_prediction(record.forward(scaled, record.timestep, **kwargs))
         g_star = torch.zeros_like(z, dtype=torch.float32)
         ok = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         todo = torch.ones_like(ok)
-        shared, self._shared = self._shared, None
-        if shared is not None and shared[0].shape[0] != z.shape[0]:
-            shared = None
         for loss_scale in (2.0**16, 2.0**8, 1.0) if half else (1.0,):
             idx = todo.nonzero().flatten()
-            autocast = (
-                torch.autocast(z.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-            )
             with autocast:
-                if shared is not None:
-                    # the step's own forward: x0 = c * s - sigma * eps(s) with s = z / c the scaled UNet input,
-                    # and d/dz = (d/ds) / c
-                    scaled, eps = shared
-                    c = (sigma**2 + 1) ** 0.5
-                    with torch.enable_grad():
-                        x0 = (scaled.to(z.dtype) * c - sigma * eps.to(z.dtype))[idx]
-                    grad, _ = kldb_backward(
-                        x0, scaled, self.classes, decode, self.classifier, loss_scale=loss_scale, retain_graph=half
-                    )
-                    grad = grad[idx].to(z.dtype) / c
-                elif self.gradient == "detached":
+                if eps is None:  # detached: the step's own conditional noise prediction, without its Jacobian
                     grad, _ = kldb_guidance_gradient(
-                        z[idx], sigma, self.classes, decode, self.classifier, eps=captured[idx], loss_scale=loss_scale
-                    )
-                else:
-                    predict_eps = self._predict_eps_fn(pipeline, timestep, captured[idx], sigma)
-                    grad, _ = kldb_guidance_gradient(
-                        z[idx], sigma, self.classes, decode, self.classifier, predict_eps=predict_eps,
+                        z[idx], sigma, self.classes, decode, classify, eps=record.prediction[rows][idx].to(dtype),
                         loss_scale=loss_scale,
                     )  # fmt: skip
+                else:  # x0 = c * s - sigma * eps(s) with s = z / c the scaled UNet input, and d/dz = (d/ds) / c
+                    with torch.enable_grad():
+                        x0 = (scaled.to(dtype) * c - sigma * eps.to(dtype))[idx]
+                    grad, _ = kldb_backward(x0, scaled, self.classes, decode, classify, loss_scale, retain_graph=half)
+                    grad = grad[idx].to(dtype) / c
             g, g_ok = normalize_guidance_gradient(grad.float(), z[idx].float())
             g_star[idx], ok[idx] = g, g_ok
             # only an overflow (non-finite gradient) is worth another try at a smaller scale
@@ -806,76 +918,40 @@ class KLDBGuidanceCallback(PipelineCallback):
         return -self.guidance_scale * g_star, ok
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
-        if self._captured_step != step_index:  # not captured yet: used alone, outside the pipeline's chain
-            self.capture(pipeline, step_index, callback_kwargs)
-        latents = callback_kwargs["latents"]  # (B, c, h, w), the input of step step_index + 1
-        step = step_index + 1  # 1-based number of the step that just ended
-        if self.is_guided(step):
-            z = self._z_prev
-            if z is None and step_index == 0 and self.initial_latents is not None:
-                z = self.initial_latents.to(latents.device) * pipeline.scheduler.init_noise_sigma
-            if z is None:
-                logger.warning(f"KLDB guidance at step {step} skipped: the latent it starts from is unknown.")
-                self.skipped_updates += latents.shape[0]
+        if step_index == 0:
+            if not self._state.started_by_hook:  # the hook did not see this call start: reset here
+                self._state = _CallState()
+            self._state.started_by_hook = False
+            if self._pipeline is None:  # used alone: see the UNet calls from the next step on
+                hook = KLDBUNetHook.on(pipeline.unet)
+                if hook.guidance is None or hook.guidance._auto_attached:
+                    hook.guidance, self._pipeline, self._auto_attached = self, pipeline, True
+        state = self._state
+        latents = callback_kwargs["latents"]  # (B, c, h, w), the input of the next step
+        record, state.record = state.record, None
+        state.batch, state.negative_prompt_embeds = latents.shape[0], callback_kwargs.get("negative_prompt_embeds")
+        if self.is_guided(step_index + 1):
+            rows = None
+            if record is not None and record.step_index == step_index:
+                rows = record.rows or self._conditional_rows(
+                    record.kwargs.get("encoder_hidden_states"), state.negative_prompt_embeds, state.batch
+                )
+            if rows is None:
+                logger.warning(
+                    f"KLDB guidance at step {step_index + 1} skipped: the step's UNet call was not seen, or its "
+                    "conditional rows could not be told apart (pass `negative_prompt_embeds` as a callback tensor "
+                    "input). Attach the callback with `guidance.attached(pipe)` to guide the first step."
+                )
+                state.skipped_updates += latents.shape[0]
             else:
-                delta, ok = self.correction(pipeline, step_index, timestep, z, self._captured)
+                delta, ok = self.correction(pipeline, step_index, record, rows, latents.dtype)
                 updated = latents + delta.to(latents.dtype)
                 ok = ok & latents_are_usable(updated, float(pipeline.scheduler.sigmas[step_index + 1]))
-                latents = torch.where(ok.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
-                self.skipped_updates += int((~ok).sum())
-                self.guided_updates += int(ok.sum())
-                callback_kwargs["latents"] = latents
-        self._captured = None
-        self._shared = None  # an unused graph (a skipped update) is not kept alive
-        # keep the input of the next step if the next step is guided
-        self._z_prev = latents.detach() if self.is_guided(step + 1) else None
-        self._armed = self._z_prev is not None
-        return callback_kwargs
-
-
-class _GuidanceCapture(PipelineCallback):
-    """Runs :meth:`KLDBGuidanceCallback.capture` first in a chain, before user callbacks change anything."""
-
-    def __init__(self, guidance: KLDBGuidanceCallback):
-        super().__init__(cutoff_step_ratio=1.0)
-        self.guidance = guidance
-
-    @property
-    def tensor_inputs(self) -> list[str]:
-        return self.guidance.tensor_inputs
-
-    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
-        self.guidance.capture(pipeline, step_index, callback_kwargs)
-        return {}
-
-
-class _StepEndFunction(PipelineCallback):
-    """A plain ``callback_on_step_end`` function seen as a :class:`PipelineCallback`."""
-
-    def __init__(self, fn: Callable[..., dict], tensor_inputs: list[str]):
-        super().__init__(cutoff_step_ratio=1.0)
-        self.fn = fn
-        self._tensor_inputs = list(tensor_inputs)
-
-    @property
-    def tensor_inputs(self) -> list[str]:
-        return self._tensor_inputs
-
-    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
-        return self.fn(pipeline, step_index, timestep, callback_kwargs)
-
-
-class _ChainedCallbacks(MultiPipelineCallbacks):
-    """Runs callbacks in order; each sees the tensors the previous ones returned, the rest kept unchanged."""
-
-    @property
-    def tensor_inputs(self) -> list[str]:
-        return list(dict.fromkeys(super().tensor_inputs))
-
-    def __call__(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
-        for callback in self.callbacks:
-            returned = callback(pipeline, step_index, timestep, dict(callback_kwargs))
-            callback_kwargs = {**callback_kwargs, **(returned or {})}
+                callback_kwargs["latents"] = torch.where(ok.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
+                state.skipped_updates += int((~ok).sum())
+                state.guided_updates += int(ok.sum())
+        if self._auto_attached and step_index + 1 >= getattr(pipeline, "num_timesteps", step_index + 1):
+            self._detach()
         return callback_kwargs
 
 
@@ -918,13 +994,15 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
 
     Everything :class:`~diffusers.StableDiffusionPipeline` does, plus an image classifier and, per call, a class
     subset ``classes``, the guidance strength ``kldb_guidance_scale`` (:math:`\alpha`) and interval
-    ``kldb_guidance_interval`` (:math:`k`). The sampler is the deterministic k-LMS step the method needs.
+    ``kldb_guidance_interval`` (:math:`k`). Guidance needs the deterministic k-LMS step; without guidance the pipeline
+    samples as :class:`~diffusers.StableDiffusionPipeline` does, with any scheduler.
 
     Args:
         vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder:
-            as in :class:`~diffusers.StableDiffusionPipeline`. A scheduler other than
-            :class:`~diffusers.LMSDiscreteScheduler` is replaced by one built from its config.
-        requires_safety_checker: as in :class:`~diffusers.StableDiffusionPipeline`.
+            as in :class:`~diffusers.StableDiffusionPipeline`. Guided calls need the scheduler to be
+            :class:`~diffusers.LMSDiscreteScheduler` (see :meth:`set_lms_scheduler`); calls without guidance take any.
+        requires_safety_checker: as in :class:`~diffusers.StableDiffusionPipeline` (and with its default): a loaded
+            repo's safety checker is used, and leaving it out while this is ``True`` logs diffusers' warning.
         classifier: optional default classifier: a transformers image-classification model, an
             :class:`ImageClassifier`, or a callable mapping ``[0, 1]`` images to logits. Can be given per call.
         classifier_processor: the transformers image processor of ``classifier``, for its preprocessing.
@@ -945,7 +1023,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
     ]
     # used inside the denoising loop next to the UNet: kept on the device rather than offloaded and reloaded per step
     _exclude_from_cpu_offload = ["safety_checker", "classifier", "guidance_vae"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred", "noise_pred_text"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
@@ -957,14 +1035,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         safety_checker: Any = None,
         feature_extractor: Any = None,
         image_encoder: Any = None,
-        requires_safety_checker: bool = False,
+        requires_safety_checker: bool = True,
         classifier: Any = None,
         classifier_processor: Any = None,
         guidance_vae: Any = None,
     ):
-        if scheduler is not None and not isinstance(scheduler, LMSDiscreteScheduler):
-            logger.info(f"Replacing {type(scheduler).__name__} by LMSDiscreteScheduler: KLDB guidance needs k-LMS.")
-            scheduler = LMSDiscreteScheduler.from_config(scheduler.config)
         super().__init__(
             vae=vae,
             text_encoder=text_encoder,
@@ -976,6 +1051,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
+        if unet is not None:
+            # the guidance's hook goes on now, before any offloading hooks: those then wrap it and keep it across the
+            # re-installation diffusers' model CPU offload does at the end of each call. It passes calls through
+            # while no guidance is attached.
+            KLDBUNetHook.on(unet)
         self.register_modules(
             classifier=self._as_component(classifier),
             classifier_processor=classifier_processor,
@@ -1077,19 +1157,16 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         kldb_guidance_decoder: Any = "auto",
+        num_images_per_prompt: Any = 1,
+        prompt: Any = None,
     ) -> None:
-        """Check the KLDB arguments and the scheduler, with one clear error each."""
-        if not isinstance(self.scheduler, LMSDiscreteScheduler):
-            raise ValueError(
-                f"KLDB guidance needs the deterministic k-LMS step, but `scheduler` is {type(self.scheduler).__name__}."
-                " Use `pipe.set_lms_scheduler()` or `LMSDiscreteScheduler.from_config(pipe.scheduler.config)`."
-            )
-        prediction_type = self.scheduler.config.prediction_type
-        if prediction_type != "epsilon":
-            raise ValueError(
-                f"KLDB guidance needs an epsilon-prediction model, but the scheduler's `prediction_type` is "
-                f"{prediction_type!r}."
-            )
+        """Check the KLDB arguments, and the scheduler when guidance runs, with one clear error each.
+
+        Guidance runs when ``classes`` are given and ``kldb_guidance_scale`` > 0; only then must the scheduler be the
+        deterministic k-LMS step with an epsilon-prediction model. Otherwise the pipeline samples exactly as
+        :class:`~diffusers.StableDiffusionPipeline` with whatever scheduler it has (and scores the images when it has
+        a classifier).
+        """
         if isinstance(kldb_guidance_scale, bool) or not isinstance(kldb_guidance_scale, (int, float)):
             raise TypeError(f"`kldb_guidance_scale` has to be a float but is {type(kldb_guidance_scale).__name__}.")
         if not math.isfinite(kldb_guidance_scale) or kldb_guidance_scale < 0:
@@ -1106,14 +1183,25 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 "pass `guidance_vae=` to `from_pretrained` or the constructor (e.g. "
                 "`AutoencoderTiny.from_pretrained('madebyollin/taesd')` for Stable Diffusion v1)."
             )
+        if num_images_per_prompt is not None and (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
+            raise ValueError(
+                f"`num_images_per_prompt` has to be a positive integer but is {num_images_per_prompt!r}."
+            )
+        if isinstance(prompt, list) and (not prompt or not all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` has to be a string or a non-empty list of strings but is {prompt!r}.")
         steps = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"`num_inference_steps` has to be a positive integer but is {steps!r}.")
+        guiding = kldb_guidance_scale > 0 and classes is not None
         if (
             isinstance(kldb_guidance_interval, bool)
             or not isinstance(kldb_guidance_interval, int)
             or kldb_guidance_interval < 1
-            or (kldb_guidance_scale > 0 and kldb_guidance_interval > steps)
+            or (guiding and kldb_guidance_interval > steps)
         ):
             raise ValueError(
                 f"`kldb_guidance_interval` has to be an integer in [1, num_inference_steps={steps}] but is "
@@ -1128,12 +1216,38 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 f"`height` and `width` have to be divisible by the VAE factor {self.vae_scale_factor} but are {height} "
                 f"and {width}."
             )
-        if kldb_guidance_scale > 0 and classes is None:
-            raise ValueError("`classes` has to be given when `kldb_guidance_scale` > 0.")
         if classes is not None and not has_classifier:
             raise ValueError(
                 "`classes` were given but the pipeline has no classifier: pass `classifier=` to the call, the "
                 "constructor or `from_pretrained`."
+            )
+        if guiding and not isinstance(self.scheduler, LMSDiscreteScheduler):
+            raise ValueError(
+                f"KLDB guidance needs the deterministic k-LMS step, but `scheduler` is {type(self.scheduler).__name__}."
+                " Use `pipe.set_lms_scheduler()` or `LMSDiscreteScheduler.from_config(pipe.scheduler.config)`, or "
+                "`kldb_guidance_scale=0` for sampling without guidance."
+            )
+        if guiding and self.scheduler.config.prediction_type != "epsilon":
+            raise ValueError(
+                f"KLDB guidance needs an epsilon-prediction model, but the scheduler's `prediction_type` is "
+                f"{self.scheduler.config.prediction_type!r}."
+            )
+
+    def _check_latents(self, latents: Any, batch: int, height: int, width: int) -> None:
+        """``latents`` given by the user have to be the shape the pipeline samples: one per image, at this size."""
+        if latents is None:
+            return
+        expected = (
+            batch,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(
+                f"`latents` have to be a tensor of shape {expected} (images, channels, height / {self.vae_scale_factor}"
+                f", width / {self.vae_scale_factor}) for {batch} images of {height}x{width} but are {got}."
             )
 
     def _resolve_classifier(self, classifier: Any, device: torch.device) -> ImageClassifier | None:
@@ -1148,8 +1262,8 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
 
     @torch.no_grad()
     def _probe_classifier(self, adapter: ImageClassifier, height: int, width: int, device: torch.device) -> int:
-        """One forward pass on a gray image: checks the output width against the labels; returns ``n``."""
-        logits = adapter(torch.full((1, 3, height, width), 0.5, device=device))
+        """One forward pass on two gray images: checks the output shape against the batch and the labels; returns ``n``."""
+        logits = checked_logits(adapter(torch.full((2, 3, height, width), 0.5, device=device)), 2)
         n = logits.shape[-1]
         if adapter.labels is not None and len(adapter.labels) != n:
             raise ValueError(
@@ -1165,7 +1279,40 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
 
     # --- the call ----------------------------------------------------------------------------------------------------
 
+    def _step_end_callback(
+        self,
+        guidance: KLDBGuidanceCallback | None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+    ) -> tuple[Any, list[str]]:
+        """The step-end callback the sampling loop runs: the guidance first, then the user's, whose return is final.
+
+        Returns the callback (``None`` when there is none) and the tensor inputs it needs.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            user_inputs = list(callback_on_step_end.tensor_inputs)
+        else:
+            user_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        if guidance is None:
+            return callback_on_step_end, user_inputs
+        inputs = list(dict.fromkeys([*guidance.tensor_inputs, *user_inputs]))
+        if callback_on_step_end is None:
+            return guidance, inputs
+
+        def guided_then_user(pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+            callback_kwargs = guidance(pipeline, step_index, timestep, callback_kwargs)
+            returned = callback_on_step_end(pipeline, step_index, timestep, dict(callback_kwargs))
+            if not isinstance(returned, dict):
+                raise TypeError(
+                    "Expected `callback_on_step_end` to return a dict of tensors (the `callback_kwargs` it was given, "
+                    f"changed or not) but it returned {type(returned).__name__}."
+                )
+            return {**callback_kwargs, **returned}
+
+        return guided_then_user, inputs
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -1203,7 +1350,9 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         r"""Generate images pulled toward the decision boundary of ``classes``.
 
         Takes every argument of :meth:`StableDiffusionPipeline.__call__` (see there), with these differences and
-        additions:
+        additions. Guidance runs when ``classes`` are given and ``kldb_guidance_scale`` > 0, and then needs the k-LMS
+        scheduler; otherwise the call samples exactly as :class:`~diffusers.StableDiffusionPipeline` does, with any
+        scheduler, and scores the images when the pipeline has a classifier.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):
@@ -1211,10 +1360,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             num_inference_steps (`int`, *optional*, defaults to 40):
                 The paper's T.
             callback_on_step_end (`Callable` or `PipelineCallback`, *optional*):
-                Runs at every step end before the KLDB guidance, which then corrects the latents it returns.
+                Runs at every step end after the KLDB guidance and sees the guided latents; what it returns is what
+                the sampling loop uses.
             classes (`list[int]` or `list[str]`, *optional*):
-                The class subset C, as indices into the classifier's output or as its label names. Required when
-                `kldb_guidance_scale` > 0.
+                The class subset C, as indices into the classifier's output or as its label names. Without it, no
+                guidance runs.
             classifier (*optional*, defaults to the pipeline's `classifier`):
                 The classifier for this call (see :func:`as_image_classifier`).
             kldb_guidance_scale (`float`, *optional*, defaults to 0.1):
@@ -1236,12 +1386,12 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 pipeline's small `guidance_vae`, much cheaper), or `"auto"`: `guidance_vae` when the pipeline has
                 one, else `vae`. The returned images are always decoded by `vae`.
 
-        Examples: see ``EXAMPLE_DOC_STRING`` at the top of this file (not inlined here, so that the doctest run of
-        the test suite, which cannot download Stable Diffusion, does not execute it).
+        Examples:
 
         Returns:
-            [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple
-            `(images, nsfw_content_detected, kldb, entropy, probabilities, predicted_class, skipped_updates)`.
+            [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple of the output's fields in
+            order: `(images, nsfw_content_detected, kldb, entropy, probabilities, predicted_class, classes,
+            skipped_updates, guided_updates)`.
         """
         device = self._execution_device
         adapter = self._resolve_classifier(classifier, device)
@@ -1257,6 +1407,8 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             height,
             width,
             kldb_guidance_decoder,
+            num_images_per_prompt,
+            prompt,
         )
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -1273,53 +1425,31 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             if adapter.labels is None:
                 raise ValueError("`prompt` was not given and the classifier has no label names to build it from.")
             prompt = " and ".join(adapter.labels[i] for i in class_indices)
+        if isinstance(prompt, (str, list)) or (prompt is None and isinstance(prompt_embeds, torch.Tensor)):
+            batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+            self._check_latents(latents, batch * (num_images_per_prompt or 1), height, width)
 
-        # 2. Register the guidance as a step-end callback around the user's own callback: it captures what the step
-        #    used before the user's callback runs, and corrects the latents that callback returns
+        # 2. The guidance is a step-end callback that sees the sampling loop's UNet calls through a model hook; a
+        #    user's callback runs after it
         guidance = None
-        if kldb_guidance_scale > 0:
+        if kldb_guidance_scale > 0 and class_indices is not None:
             if kldb_gradient == "unet" and (ip_adapter_image is not None or ip_adapter_image_embeds is not None):
                 raise ValueError("`kldb_gradient='unet'` does not support IP-Adapter inputs; use 'detached'.")
-            initial_noise = None
-            if kldb_guidance_interval == 1:  # step 1 is guided: the callback needs the noise it starts from
-                initial_noise = latents
-                if initial_noise is None:
-                    batch = (
-                        (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
-                    )
-                    shape = (
-                        batch * (num_images_per_prompt or 1),
-                        self.unet.config.in_channels,
-                        int(height) // self.vae_scale_factor,
-                        int(width) // self.vae_scale_factor,
-                    )
-                    dtype = prompt_embeds.dtype if prompt_embeds is not None else self.text_encoder.dtype
-                    initial_noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-                latents = initial_noise
             guidance = KLDBGuidanceCallback(
                 adapter,
                 class_indices,
                 guidance_scale=kldb_guidance_scale,
                 interval=kldb_guidance_interval,
                 gradient=kldb_gradient,
-                do_classifier_free_guidance=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
-                initial_latents=initial_noise,
                 autocast_dtype=kldb_autocast_dtype,
                 decoder=self.guidance_decoder(kldb_guidance_decoder),
             )
-        callbacks: list[Any] = [_GuidanceCapture(guidance)] if guidance is not None else []
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callbacks.append(callback_on_step_end)
-        elif callback_on_step_end is not None:
-            callbacks.append(_StepEndFunction(callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]))
-        if guidance is not None:
-            callbacks.append(guidance)
-        chained = _ChainedCallbacks(callbacks) if callbacks else None
+        step_end, tensor_inputs = self._step_end_callback(
+            guidance, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
-        # 3. Sample with the Stable Diffusion loop; images come back as (B, 3, H, W) in [0, 1]. Guided steps share
-        #    their conditional UNet forward with the guidance ("unet" mode)
-        sharing = guidance.sharing_unet_forward(self.unet) if guidance is not None else nullcontext()
-        with sharing:
+        # 3. Sample with the Stable Diffusion loop; images come back as (B, 3, H, W) in [0, 1]
+        with guidance.attached(self) if guidance is not None else nullcontext():
             out = super().__call__(
                 prompt=prompt,
                 height=height,
@@ -1342,8 +1472,8 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 cross_attention_kwargs=cross_attention_kwargs,
                 guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip,
-                callback_on_step_end=chained,
-                callback_on_step_end_tensor_inputs=chained.tensor_inputs if chained is not None else ["latents"],
+                callback_on_step_end=step_end,
+                callback_on_step_end_tensor_inputs=tensor_inputs,
                 **kwargs,
             )
         images, nsfw = out.images, out.nsfw_content_detected
@@ -1351,7 +1481,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         # 4. Score the returned images
         kldb = ent = probs = predicted = None
         if adapter is not None and output_type != "latent":
-            logits = adapter(images)  # (B, n)
+            logits = checked_logits(adapter(images), images.shape[0])  # (B, n)
             probs = torch.softmax(logits, dim=-1)
             ent = entropy(logits)
             predicted = logits.argmax(dim=-1)
@@ -1370,9 +1500,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 images, output_type=output_type, do_denormalize=[False] * images.shape[0]
             )
 
-        if not return_dict:
-            return (images, nsfw, kldb, ent, probs, predicted, skipped)
-        return KLDBBoundaryPipelineOutput(
+        output = KLDBBoundaryPipelineOutput(
             images=images,
             nsfw_content_detected=nsfw,
             kldb=kldb,
@@ -1383,3 +1511,5 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             skipped_updates=skipped,
             guided_updates=guided,
         )
+        # every field in order, also those that are None (BaseOutput.to_tuple would drop them and shift the rest)
+        return output if return_dict else tuple(getattr(output, field.name) for field in fields(output))

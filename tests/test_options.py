@@ -115,124 +115,29 @@ def test_shared_forward_runs_no_extra_unet_rows(pipe):
     assert prompt_only == (6, 24) and detached == (6, 24)
     # the 3 guided steps each run their batch as an unconditional and a conditional half
     assert shared == (9, 24)
-    assert "forward" not in pipe.unet.__dict__  # the wrapper is gone after the call
 
 
-def test_shared_forward_gives_the_recomputed_gradient():
-    """The callback alone (no sharing: eps predicted again) and inside `sharing_unet_forward` give the same images."""
-    from diffusers import StableDiffusionPipeline
-
-    from kldb import KLDBGuidanceCallback, as_image_classifier
-    from kldb.testing import tiny_components
-
-    components = tiny_components(seed=0)
-    sd = StableDiffusionPipeline(**{k: v for k, v in components.items() if not k.startswith("classifier")})
-    sd.set_progress_bar_config(disable=True)
-    classifier = as_image_classifier(components["classifier"], components["classifier_processor"])
-    common = {"prompt": "three and two", "num_inference_steps": 6, "output_type": "pt", "num_images_per_prompt": 2}
-
-    def run(share: bool) -> tuple[torch.Tensor, KLDBGuidanceCallback]:
-        callback = KLDBGuidanceCallback(classifier, [3, 2], guidance_scale=0.3, interval=2, gradient="unet")
-        counter = RowCounter(sd.unet)
-        try:
-            if share:
-                with callback.sharing_unet_forward(sd.unet):
-                    images = sd(**common, generator=gen(5), callback_on_step_end=callback).images
-            else:
-                images = sd(**common, generator=gen(5), callback_on_step_end=callback).images
-        finally:
-            counter.handle.remove()
-        return images, callback, counter.rows
-
-    recomputed, plain, plain_rows = run(False)
-    shared, sharing, shared_rows = run(True)
-    assert plain.shared_forwards == 0 and sharing.shared_forwards == 3
-    assert plain.guided_updates == sharing.guided_updates == 6
-    assert plain_rows == 6 * 4 + 3 * 2 and shared_rows == 6 * 4  # one conditional forward saved per guided step
-    torch.testing.assert_close(shared, recomputed, rtol=1e-4, atol=1e-5)
-    assert "forward" not in sd.unet.__dict__
-
-
-def test_shared_forward_gradient_equals_autograd_through_the_unet(pipe):
-    """The correction from the shared graph equals `kldb_guidance_gradient` with `predict_eps` (float tolerance)."""
+def test_a_guided_first_step_recomputes_and_the_rest_share(pipe):
+    """Before the first step ends the conditional rows are unknown: step 1 predicts again, the others share."""
     from kldb import KLDBGuidanceCallback, as_image_classifier
 
     classifier = as_image_classifier(pipe.classifier, pipe.classifier_processor)
-    pipe.scheduler.set_timesteps(6)
-    step_index, sigma = 1, float(pipe.scheduler.sigmas[1])
-    t = pipe.scheduler.timesteps[step_index]
-    z = torch.randn(3, 4, 8, 8, generator=gen(7)) * (sigma**2 + 1) ** 0.5
-    uncond = torch.randn(3, 16, 32, generator=gen(8))
-    cond = torch.randn(3, 16, 32, generator=gen(9))
-    results = []
-    for share in (True, False):
-        guidance = KLDBGuidanceCallback(classifier, [3, 2], guidance_scale=0.1, interval=2, gradient="unet")
-        guidance._z_prev, guidance._armed = z, True
-        if share:
-            with guidance.sharing_unet_forward(pipe.unet), torch.no_grad():
-                model_input = pipe.scheduler.scale_model_input(torch.cat([z, z]), t)
-                eps = pipe.unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond]), return_dict=False)[0]
-                assert guidance._shared is not None and not eps.requires_grad
-                with torch.no_grad():
-                    reference = pipe.unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond]),
-                                          return_dict=False)[0]  # fmt: skip
-                torch.testing.assert_close(eps, reference, rtol=1e-5, atol=1e-5)  # the sampler's prediction
-                delta, ok = guidance.correction(pipe, step_index, t, z, cond)
-        else:
-            with torch.no_grad():
-                delta, ok = guidance.correction(pipe, step_index, t, z, cond)
-        assert ok.all()
-        results.append(delta)
-    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
-
-
-def test_shared_forward_restores_a_patched_forward_and_survives_errors(pipe):
-    from kldb import KLDBGuidanceCallback, as_image_classifier
-
-    classifier = as_image_classifier(pipe.classifier, pipe.classifier_processor)
-    guidance = KLDBGuidanceCallback(classifier, [3, 2], gradient="unet")
-    original = pipe.unet.forward
-    pipe.unet.forward = original  # an instance-level forward, as accelerate hooks and torch.compile install
+    guidance = KLDBGuidanceCallback(classifier, [3, 2], guidance_scale=0.1, interval=1)
+    counter = RowCounter(pipe.unet)
     try:
-        with pytest.raises(RuntimeError, match="boom"), guidance.sharing_unet_forward(pipe.unet):
-            assert pipe.unet.forward is not original
-            raise RuntimeError("boom")
-        assert pipe.unet.__dict__["forward"] is original
+        with guidance.attached(pipe):
+            pipe(prompt="three and two", num_inference_steps=4, generator=gen(0), num_images_per_prompt=2,
+                 output_type="latent", callback_on_step_end=guidance)  # fmt: skip
     finally:
-        del pipe.unet.forward
-    with pytest.raises(RuntimeError, match="boom"), guidance.sharing_unet_forward(pipe.unet):
-        raise RuntimeError("boom")
-    assert "forward" not in pipe.unet.__dict__
-
-    # a forward installed during the block (as accelerate's offload hooks are re-installed at the end of a call) stays
-    def replacement(*args, **kwargs):
-        return original(*args, **kwargs)
-
-    try:
-        with guidance.sharing_unet_forward(pipe.unet):
-            pipe.unet.forward = replacement
-        assert pipe.unet.__dict__["forward"] is replacement
-    finally:
-        del pipe.unet.forward
-
-    def failing(images):
-        raise RuntimeError("classifier failed")
-
-    with pytest.raises(RuntimeError, match="classifier failed"):
-        pipe(generator=gen(0), classifier=failing, **{**KWARGS, "classes": [0, 1]})
-    assert "forward" not in pipe.unet.__dict__
+        counter.handle.remove()
+    assert guidance.guided_updates == 8 and guidance.shared_forwards == 3
+    # step 1: one call of 4 rows, then 2 rows again for the gradient; steps 2-4: two calls of 2 rows each
+    assert (counter.calls, counter.rows) == (1 + 1 + 3 * 2, 4 + 2 + 3 * 4)
 
 
 @pytest.mark.parametrize("case", ["detached", "autocast"])
 def test_no_sharing_where_it_would_change_sampling(pipe, case):
     """Detached mode needs no UNet gradient; under autocast the sampler must keep its float32 noise prediction."""
-    from kldb import KLDBGuidanceCallback, as_image_classifier
-
-    classifier = as_image_classifier(pipe.classifier, pipe.classifier_processor)
-    guidance = KLDBGuidanceCallback(classifier, [3, 2], gradient="detached" if case == "detached" else "unet",
-                                    autocast_dtype=torch.bfloat16 if case == "autocast" else None)  # fmt: skip
-    with guidance.sharing_unet_forward(pipe.unet):
-        assert "forward" not in pipe.unet.__dict__
     counter = RowCounter(pipe.unet)
     try:
         kwargs = {"kldb_gradient": "detached"} if case == "detached" else {"kldb_autocast_dtype": torch.bfloat16}

@@ -136,10 +136,11 @@ def test_dict_and_tuple_outputs(tiny_pipe):
     out = tiny_pipe(generator=gen(0), **kwargs)
     assert isinstance(out, KLDBBoundaryPipelineOutput)
     tup = tiny_pipe(generator=gen(0), return_dict=False, **kwargs)
-    assert isinstance(tup, tuple) and len(tup) == 7
-    images, nsfw, kldb, ent, probs, predicted, skipped = tup
+    assert isinstance(tup, tuple) and len(tup) == 9  # every field of the output, in order, None included
+    images, nsfw, kldb, ent, probs, predicted, classes, skipped, guided = tup
     assert np.array_equal(images, out.images)
-    assert nsfw is None and skipped == out.skipped_updates == 0
+    assert nsfw is None and skipped == out.skipped_updates == 0 and guided == out.guided_updates == 2
+    assert classes == out.classes
     for a, b in ((kldb, out.kldb), (ent, out.entropy), (probs, out.probabilities), (predicted, out.predicted_class)):
         assert torch.equal(a, b)
     assert out.images.shape == (1, 32, 32, 3)
@@ -191,19 +192,18 @@ def test_interval_one_guides_the_first_step(tiny_pipe):
     assert torch.equal(again.images, out.images)
 
 
-def test_user_callback_runs_and_can_change_latents(tiny_pipe):
+def test_user_callback_runs_at_every_step_and_can_change_latents(tiny_pipe):
     calls = []
 
     def zero_latents(pipe, i, t, kw):
         calls.append(i)
-        return {"latents": torch.zeros_like(kw["latents"])} if i == 2 else kw
+        return {"latents": torch.zeros_like(kw["latents"])} if i == STEPS - 1 else kw
 
-    kwargs = {"classes": [3, 2], "num_inference_steps": STEPS, "output_type": "pt", "kldb_guidance_interval": 2}
+    kwargs = {"classes": [3, 2], "num_inference_steps": STEPS, "output_type": "latent", "kldb_guidance_interval": 2}
     changed = tiny_pipe(generator=gen(0), callback_on_step_end=zero_latents, **kwargs)
-    plain = tiny_pipe(generator=gen(0), **kwargs)
     assert calls == list(range(STEPS))
-    assert not torch.equal(changed.images, plain.images)
-    assert changed.guided_updates == plain.guided_updates == 3
+    assert torch.equal(changed.images, torch.zeros_like(changed.images))  # its return is final, after the guidance
+    assert changed.guided_updates == 3
 
 
 def test_pipeline_callback_objects_compose(tiny_pipe):
@@ -274,12 +274,18 @@ def test_non_transformers_classifier_is_not_saved(tmp_path, caplog):
     assert loaded.classifier is None
 
 
-def test_non_lms_scheduler_is_replaced_at_construction():
+def test_a_non_lms_scheduler_is_kept_and_samples_as_stable_diffusion_without_guidance():
     components = tiny_components(seed=0)
     components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config)
     pipe = KLDBBoundaryPipeline(**components)
-    assert type(pipe.scheduler).__name__ == "LMSDiscreteScheduler"
-    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    sd = StableDiffusionPipeline(**{k: v for k, v in components.items() if not k.startswith("classifier")})
+    assert pipe.scheduler is components["scheduler"]
+    common = {"prompt": "three and two", "num_inference_steps": 4, "output_type": "pt", "guidance_scale": 5.0}
+    expected = sd(**common, generator=gen(2)).images
+    for kwargs in ({"kldb_guidance_scale": 0.0, "classes": [3, 2]}, {}):  # alpha 0, or no classes
+        out = pipe(**common, generator=gen(2), **kwargs)
+        assert torch.equal(out.images, expected) and out.guided_updates == 0
+        assert out.probabilities.shape == (1, 4)  # the images are still scored
 
 
 def test_set_lms_scheduler(tiny_pipe):
