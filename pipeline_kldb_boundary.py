@@ -464,6 +464,16 @@ def resolve_classes(classes: Any, labels: Sequence[str] | None, num_classes: int
     return check_classes(classes, num_classes)
 
 
+def class_prompt(labels: Sequence[str], classes: Sequence[int]) -> str:
+    """The paper's prompt for a class subset: the label names joined with " and " (e.g. "chihuahua and papillon").
+
+    Example:
+        >>> class_prompt(["zero", "one", "two", "three"], [3, 2])
+        'three and two'
+    """
+    return " and ".join(labels[i] for i in classes)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The guidance step (Equation 2)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1424,7 +1434,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         if prompt is None and prompt_embeds is None and class_indices is not None:
             if adapter.labels is None:
                 raise ValueError("`prompt` was not given and the classifier has no label names to build it from.")
-            prompt = " and ".join(adapter.labels[i] for i in class_indices)
+            prompt = class_prompt(adapter.labels, class_indices)
         if isinstance(prompt, (str, list)) or (prompt is None and isinstance(prompt_embeds, torch.Tensor)):
             batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
             self._check_latents(latents, batch * (num_images_per_prompt or 1), height, width)

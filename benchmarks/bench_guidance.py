@@ -49,6 +49,7 @@ from pipeline_kldb_boundary import (
     GRADIENT_MODES,
     KLDBGuidanceCallback,
     as_image_classifier,
+    class_prompt,
     kldb_score,
     lms_scale_model_input,
     resolve_classes,
@@ -421,12 +422,8 @@ class Bench:
             if step_index == interval - 2:
                 store["z"] = kwargs["latents"].detach().clone()
             if step_index == interval - 1:
-                embeds, eps = kwargs["prompt_embeds"], kwargs["noise_pred_text"]
-                store["uncond_embeds"] = embeds.chunk(2)[0].detach().clone()
-                store["cond_embeds"] = embeds.chunk(2)[1].detach().clone()
-                store["cond_eps"] = eps.detach().clone()
                 store["timestep"] = timestep
-                pipe._interrupt = True  # the remaining steps are skipped
+                pipe._interrupt = True  # diffusers' documented way to skip the remaining steps
             return {}
 
         shape = (
@@ -438,24 +435,26 @@ class Bench:
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.pipe.unet.dtype)
         kwargs = self.call_kwargs(None, batch, self.config.seed, self.config.steps)
-        kwargs.update(
-            latents=noise,
-            output_type="latent",
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "noise_pred_text"],
-        )
+        kwargs.update(latents=noise, output_type="latent", callback_on_step_end=callback)
         self.pipe(**kwargs)
         if interval == 1:  # step 1 starts from the initial noise
             store["z"] = noise * self.pipe.scheduler.init_noise_sigma
         step_index = interval - 1
+        sigma = float(self.pipe.scheduler.sigmas[step_index])
+        cfg = self.setting.guidance_scale > 1
+        prompt = class_prompt(self.adapter.labels, self.class_indices())
+        with torch.no_grad():
+            cond, uncond = self.pipe.encode_prompt(prompt, self.device, batch, cfg)
+            scaled = lms_scale_model_input(store["z"], sigma).to(self.pipe.unet.dtype)
+            cond_eps = self.pipe.unet(scaled, store["timestep"], encoder_hidden_states=cond, return_dict=False)[0]
         return Captured(
             step_index=step_index,
             timestep=store["timestep"],
-            sigma=float(self.pipe.scheduler.sigmas[step_index]),
+            sigma=sigma,
             z=store["z"],
-            cond_embeds=store["cond_embeds"],
-            uncond_embeds=store["uncond_embeds"] if self.setting.guidance_scale > 1 else None,
-            cond_eps=store["cond_eps"],
+            cond_embeds=cond,
+            uncond_embeds=uncond if cfg else None,
+            cond_eps=cond_eps,
         )
 
     def class_indices(self) -> list[int]:
@@ -489,12 +488,10 @@ class Bench:
             guidance_scale=self.setting.kldb_guidance_scale,
             interval=config.interval,
             gradient=option.kldb_gradient,
-            do_classifier_free_guidance=self.setting.guidance_scale > 1,
             autocast_dtype=option.autocast_dtype,
             decoder=pipe.guidance_decoder(option.guidance_decoder),
         )
-        z, sigma = captured.z, captured.sigma
-        used = captured.cond_eps if option.kldb_gradient == "detached" else captured.cond_embeds
+        z, sigma, t, k = captured.z, captured.sigma, captured.timestep, captured.step_index
         vae = pipe.guidance_decoder(option.guidance_decoder)
         autocast = (
             (lambda: torch.autocast(self.device.type, dtype=option.autocast_dtype))
@@ -514,40 +511,41 @@ class Bench:
 
         shares = guidance.shares_unet_forward
         cfg = captured.uncond_embeds is not None
+        # the scheduler at step k, as the sampling loop has it: scale_model_input sets its step index from t
+        pipe.scheduler.set_timesteps(config.steps, device=self.device)
+        step_ends = {"negative_prompt_embeds": captured.uncond_embeds}
 
         @torch.no_grad()
         def sampling_unet_call() -> None:
             """The UNet call of a sampling step at this latent: (unconditional, conditional) batched, no gradients."""
-            scaled = lms_scale_model_input(z, sigma).to(pipe.unet.dtype)
+            scaled = pipe.scheduler.scale_model_input(torch.cat([z] * 2) if cfg else z, t).to(pipe.unet.dtype)
             embeds = torch.cat([captured.uncond_embeds, captured.cond_embeds]) if cfg else captured.cond_embeds
-            pipe.unet(torch.cat([scaled] * 2) if cfg else scaled, captured.timestep, encoder_hidden_states=embeds,
-                      return_dict=False)  # fmt: skip
-
-        @contextlib.contextmanager
-        def guided_unet_call() -> Iterator[None]:
-            """The guided step's UNet call with the forward shared with ``guidance`` (the graph is kept in it)."""
-            guidance._z_prev, guidance._armed = z, True  # as the callback arms it at the end of the step before
-            with guidance.sharing_unet_forward(pipe.unet):
-                sampling_unet_call()
-                yield
+            pipe.unet(scaled, t, encoder_hidden_states=embeds, return_dict=False)
 
         @torch.no_grad()
         def step() -> None:
-            with guided_unet_call() if shares else contextlib.nullcontext():
-                guidance.correction(pipe, captured.step_index, captured.timestep, z, used)
+            """One guided step's guidance through the callback's public interface: the step before ends (which tells
+            the callback the batch and the negative embedding), the guided step's UNet call, its end."""
+            with guidance.attached(pipe):
+                if k > 0:
+                    guidance.callback_fn(pipe, k - 1, pipe.scheduler.timesteps[k - 1], {"latents": z, **step_ends})
+                sampling_unet_call()
+                guidance.callback_fn(pipe, k, t, {"latents": z.clone(), **step_ends})
+            if guidance.guided_updates + guidance.skipped_updates != z.shape[0]:
+                raise RuntimeError("The timed guidance step did not run its correction.")
 
         @torch.enable_grad()
         def unet_piece() -> None:
-            if shares:
-                with guided_unet_call():
-                    scaled, eps = guidance._shared
-                    guidance._shared = None
-                    torch.autograd.grad(eps, scaled, grad_outputs=eps_cotangent.to(eps.dtype))
-                return
-            z_ = z.detach().requires_grad_(True)
-            with autocast():
-                eps = guidance._predict_eps_fn(pipe, captured.timestep, captured.cond_embeds, sigma)(z_)
-                torch.autograd.grad(eps, z_, grad_outputs=eps_cotangent.to(eps.dtype))
+            """The UNet's part of the guidance: its forward with gradients and backward for the conditional rows
+            (beyond the sampling call's own forward where the step shares it)."""
+            scaled = pipe.scheduler.scale_model_input(z, t).to(pipe.unet.dtype)
+            if shares and cfg:
+                with torch.no_grad():
+                    pipe.unet(scaled, t, encoder_hidden_states=captured.uncond_embeds, return_dict=False)
+            scaled = scaled.detach().requires_grad_(True)
+            with contextlib.nullcontext() if shares else autocast():
+                eps = pipe.unet(scaled, t, encoder_hidden_states=captured.cond_embeds, return_dict=False)[0]
+                torch.autograd.grad(eps, scaled, grad_outputs=eps_cotangent.to(eps.dtype))
 
         @torch.enable_grad()
         def decoder_piece() -> None:
