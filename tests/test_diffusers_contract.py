@@ -82,7 +82,7 @@ def test_output_types(pipe, output_type):
     if output_type == "pil":
         assert len(out.images) == 2 and out.images[0].size == (32, 32)
     elif output_type == "np":
-        assert out.images.shape == (2, 32, 32, 3) and 0 <= out.images.min() and out.images.max() <= 1
+        assert out.images.shape == (2, 32, 32, 3) and out.images.min() >= 0 and out.images.max() <= 1
     elif output_type == "pt":
         assert out.images.shape == (2, 3, 32, 32)
     else:
