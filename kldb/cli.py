@@ -14,9 +14,10 @@ processes under ``accelerate launch``::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,50 @@ logger = logging.getLogger("kldb.cli")
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+
+#: The extra of ``kldb-boundary`` that installs each optional module a command may need (pyproject.toml).
+EXTRA_FOR_MODULE = {"accelerate": "audit", "matplotlib": "audit", "torchmetrics": "audit", "sklearn": "train"}
+#: The optional modules each command needs whatever its options; checked before any work starts.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "generate": ("accelerate",),
+    "sweep": ("accelerate",),
+    "report": ("matplotlib", "torchmetrics"),
+}
+
+
+class MissingExtraError(ImportError):
+    """A command needs optional modules that the base install leaves out; the message names the extra."""
+
+
+def missing_extra_message(command: str, modules: Iterable[str]) -> str:
+    """``kldb <command> needs ...: pip install "kldb-boundary[<extras>]"`` for the given missing modules."""
+    modules = sorted(set(modules))
+    extras = ",".join(sorted({EXTRA_FOR_MODULE[m] for m in modules}))
+    return (
+        f"`kldb {command}` needs {', '.join(modules)}, which a plain install of kldb-boundary leaves out; install "
+        f'them with: pip install "kldb-boundary[{extras}]"'
+    )
+
+
+def require_modules(command: str, modules: Iterable[str]) -> None:
+    """Raise :class:`MissingExtraError` naming the extra to install when any of ``modules`` cannot be imported."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(missing_extra_message(command, missing))
+
+
+def check_output_folder(path: str | Path, option: str) -> Path:
+    """Refuse an output folder that names an existing file or lies inside one, before any work starts."""
+    folder = Path(path)
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == folder else f"lies inside the file {str(candidate)!r}"
+                raise ValueError(
+                    f"Expected argument `{option}` to be a folder (new or existing) but {str(path)!r} {where}."
+                )
+            break
+    return folder
 
 
 def _preset_help() -> str:
@@ -243,6 +288,7 @@ def sweep_config_from_args(args: argparse.Namespace, grid: bool) -> Any:
     from kldb.sweep import SweepConfig
 
     preset: Preset = get_preset(args.preset)
+    check_output_folder(args.out, "--out")
 
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
@@ -325,15 +371,21 @@ def _run_report(args: argparse.Namespace) -> int:
     from kldb.metrics import run_info
     from kldb.report import table1_markdown, write_report
 
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
+    if args.per_setting < 1:
+        raise ValueError(f"Expected argument `--per-setting` to be a positive integer but got {args.per_setting!r}.")
+    if args.reference_limit is not None and args.reference_limit < 2:
+        raise ValueError(
+            f"Expected argument `--reference-limit` to be an integer >= 2 but got {args.reference_limit!r}."
+        )
     reference = args.reference
     if reference is None:
         reference = "digits" if run_info(args.run)["fixed"].get("pipeline") == "digits" else None
     elif reference.lower() == "none":
         reference = None
-    if args.reference_limit is not None and args.reference_limit < 2:
-        raise ValueError(
-            f"Expected argument `--reference-limit` to be an integer >= 2 but got {args.reference_limit!r}."
-        )
+    if reference == "digits":
+        require_modules("report --reference digits", ["sklearn"])  # the digits test split comes from scikit-learn
     result = write_report(
         args.run,
         out_dir=args.out,
@@ -353,6 +405,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"Expected argument `--batch-size` to be a positive integer but got {args.batch_size!r}.")
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
     result = compare_run(args.run, args.classifier, out_dir=args.out, batch_size=args.batch_size, device=args.device)
     print(summary_markdown(result))
     return 0
@@ -361,6 +415,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from kldb.demo import render_markdown, run_demo
 
+    check_output_folder(args.out, "--out")
     report = run_demo(
         args.out, args.num_images, args.alpha, args.beta, args.steps, args.interval, args.seed, args.tiny
     )
@@ -380,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     prog = f"kldb {args.command}"
     try:
+        require_modules(args.command, COMMAND_MODULES.get(args.command, ()))
         if args.command in ("generate", "sweep"):
             return _run_generation(args, grid=args.command == "sweep")
         if args.command == "report":
@@ -392,6 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepDiskFullError as error:
         print(f"{prog}: error: {error.strerror}", file=sys.stderr)
         return EXIT_FAILURE
+    except ModuleNotFoundError as error:
+        # an optional dependency needed only by some options (e.g. scikit-learn for the digits reference images)
+        module = (error.name or "").split(".")[0]
+        message = missing_extra_message(args.command, [module]) if module in EXTRA_FOR_MODULE else str(error)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -155,6 +155,15 @@ def _expect(condition: bool, name: str, expected: str, got: Any) -> None:
 
 def check_config(config: SweepConfig) -> None:
     """Check every field of ``config``; raise ``ValueError`` naming the first bad argument and its value."""
+    if not isinstance(config.out_dir, (str, os.PathLike)):
+        raise TypeError(f"Expected argument `out_dir` to be a path but got {type(config.out_dir).__name__}.")
+    out = Path(config.out_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)  # the nearest part that exists
+    if blocking is not None and not blocking.is_dir():
+        where = "is a file" if blocking == out else f"lies inside the file {str(blocking)!r}"
+        raise ValueError(
+            f"Expected argument `out_dir` to be a folder (new, or a run to resume) but {str(config.out_dir)!r} {where}."
+        )
     for name in ("alphas", "betas"):
         values = getattr(config, name)
         _expect(

@@ -250,3 +250,147 @@ def test_guidance_decoder_options():
     assert default.guidance_vae is None and default.kldb_guidance_decoder == "auto"
     with pytest.raises(SystemExit):
         parse("generate", "--out", "x", "--guidance-decoder", "taesd")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output folders of the wrong kind
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["sweep", "generate"])
+@pytest.mark.parametrize("inside", [False, True], ids=["file", "inside-file"])
+def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys, command, inside):
+    (tmp_path / "taken").write_text("not a folder")
+    out = tmp_path / "taken" / "run" if inside else tmp_path / "taken"
+    status, _, err = run_cli(capsys, command, "--out", str(out), *TINY, "--num-images", "1", "--no-progress")
+    assert status == cli.EXIT_USAGE
+    where = f"lies inside the file {str(tmp_path / 'taken')!r}" if inside else "is a file"
+    assert (
+        f"kldb {command}: error: Expected argument `--out` to be a folder (new or existing) but {str(out)!r} {where}."
+        in err
+    )
+    assert "Traceback" not in err and (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_run_sweep_refuses_an_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("")
+    config = cli.sweep_config_from_args(parse("sweep", "--out", str(tmp_path / "free"), *TINY), grid=True)
+    for out, where in ((tmp_path / "taken", "is a file"), (tmp_path / "taken" / "x", "lies inside the file")):
+        config.out_dir = out
+        with pytest.raises(
+            ValueError, match=rf"Expected argument `out_dir` to be a folder \(new, or a run to resume\) but .* {where}"
+        ):
+            sweep.run_sweep(config, progress=False)
+    config.out_dir = 7
+    with pytest.raises(TypeError, match="Expected argument `out_dir` to be a path but got int"):
+        sweep.check_config(config)
+
+
+def test_report_compare_demo_refuse_an_out_that_is_a_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        run_cli(capsys, "sweep", "--out", str(run), *TINY, "--alphas", "0", "--num-images", "2", "--no-progress")[0]
+        == 0
+    )
+    (tmp_path / "taken").write_text("")
+    taken = str(tmp_path / "taken")
+    message = f"Expected argument `--out` to be a folder (new or existing) but {taken!r} is a file."
+    for argv in (["report", str(run), "--out", taken], ["compare", str(run), "--classifier", "kldb.testing:tiny_classifier", "--out", taken],
+                 ["demo", "--tiny", "--out", taken, "--num-images", "1", "--steps", "2", "--interval", "1"]):  # fmt: skip
+        status, _, err = run_cli(capsys, *argv)
+        assert status == cli.EXIT_USAGE and f"kldb {argv[0]}: error: {message}" in err, err
+    status, _, err = run_cli(capsys, "report", str(run), "--per-setting", "0")
+    assert status == cli.EXIT_USAGE and "Expected argument `--per-setting` to be a positive integer but got 0" in err
+    assert not (run / "report").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A plain install: each command works without the extras or names the extra it needs
+# ----------------------------------------------------------------------------------------------------------------------
+
+EXTRA_MODULES = ("accelerate", "matplotlib", "torchmetrics", "sklearn")
+
+
+def hide_modules(monkeypatch, *names: str) -> None:
+    """Make ``import name`` fail as it does when the package is not installed."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize("command", ["sweep", "generate"])
+def test_generation_without_accelerate_names_the_audit_extra(tmp_path, capsys, monkeypatch, command):
+    hide_modules(monkeypatch, "accelerate")
+    status, _, err = run_cli(capsys, command, "--out", str(tmp_path / "run"), *TINY, "--num-images", "1")
+    assert status == cli.EXIT_USAGE
+    assert (
+        f"kldb {command}: error: `kldb {command}` needs accelerate, which a plain install of kldb-boundary leaves "
+        'out; install them with: pip install "kldb-boundary[audit]"'
+    ) in err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_report_names_the_extras_it_needs(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert (
+        run_cli(capsys, "sweep", "--out", str(run), *TINY, "--alphas", "0", "--num-images", "2", "--no-progress")[0]
+        == 0
+    )
+    with monkeypatch.context() as patch:
+        hide_modules(patch, "matplotlib", "torchmetrics")
+        status, _, err = run_cli(capsys, "report", str(run), "--reference", "none")
+        assert status == cli.EXIT_USAGE
+        assert "`kldb report` needs matplotlib, torchmetrics, which a plain install" in err
+        assert 'pip install "kldb-boundary[audit]"' in err
+    with monkeypatch.context() as patch:
+        hide_modules(patch, "sklearn")  # the digits test split, the reference images of a digits run
+        status, _, err = run_cli(capsys, "report", str(run), "--reference", "digits")
+        assert status == cli.EXIT_USAGE
+        assert "`kldb report --reference digits` needs sklearn" in err and 'pip install "kldb-boundary[train]"' in err
+    assert not (run / "report").exists()
+
+
+def test_a_missing_module_found_late_still_names_its_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", {})  # no check up front: the import inside the sweep fails
+    hide_modules(monkeypatch, "accelerate")
+    status, _, err = run_cli(capsys, "sweep", "--out", str(tmp_path / "run"), *TINY, "--num-images", "1")
+    assert status == cli.EXIT_USAGE and 'pip install "kldb-boundary[audit]"' in err and "Traceback" not in err
+
+
+def test_demo_compare_export_publish_need_no_extra(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert (
+        run_cli(capsys, "sweep", "--out", str(run), *TINY, "--alphas", "0", "--num-images", "2", "--no-progress")[0]
+        == 0
+    )
+    hide_modules(monkeypatch, *EXTRA_MODULES)
+    status, out, err = run_cli(capsys, "demo", "--tiny", "--out", str(tmp_path / "demo"), "--num-images", "1",
+                               "--steps", "2", "--interval", "1")  # fmt: skip
+    assert status == 0, err
+    status, out, err = run_cli(capsys, "compare", str(run), "--classifier", "kldb.testing:tiny_classifier")
+    assert status == 0 and "| **all** | 6 |" in out, err  # 3 betas x 2 seeds
+    from kldb.testing import tiny_pipeline
+
+    export = tmp_path / "export"
+    status, _, err = run_cli(capsys, "export", str(tiny_saved(tiny_pipeline(), tmp_path / "saved")), str(export))
+    assert status == 0, err
+    status, out, err = run_cli(capsys, "publish", str(export), "someone/x", "--dry-run")
+    assert status == 0 and "Would upload" in out, err
+
+
+def tiny_saved(pipe, folder: Path) -> Path:
+    from kldb.hub import write_pipeline_folder
+
+    return write_pipeline_folder(pipe, folder)
+
+
+def test_every_command_is_covered_by_the_extras_table():
+    assert set(cli.COMMAND_MODULES) <= set(subparsers())
+    assert set(cli.EXTRA_FOR_MODULE) == set(EXTRA_MODULES)
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    distribution = {"sklearn": "scikit-learn"}
+    for module, extra in cli.EXTRA_FOR_MODULE.items():
+        assert any(req.startswith(distribution.get(module, module)) for req in extras[extra]), (module, extra)

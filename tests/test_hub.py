@@ -470,3 +470,157 @@ def test_kldb_console_script_has_export_and_publish(saved, tmp_path, capsys):
     assert cli.main(["publish", str(out), "someone/kldb-main-cli", "--dry-run"]) == 0
     assert "Would upload" in capsys.readouterr().out
     assert cli.main(["publish", str(tmp_path / "missing"), "someone/x", "--dry-run"]) != 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card's licence and base model
+# ----------------------------------------------------------------------------------------------------------------------
+
+SD_V1_UNET = {"cross_attention_dim": 768, "block_out_channels": [320, 640, 1280, 1280]}
+
+
+def card_header(folder: Path) -> list[str]:
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    return card[4 : card.index("\n---\n", 3)].split("\n")
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_our_own_weights_keep_apache(exported, saved, tmp_path):
+    header = card_header(exported)
+    assert "license: apache-2.0" in header and not any(line.startswith("base_model") for line in header)
+    assert hub.detect_base_model(saved) == hub.BaseModelInfo(sd_v1=False, base_model=None, evidence=None)
+    from kldb.digits import WORLD_PATH
+
+    if (WORLD_PATH / "model_index.json").is_file():
+        assert not hub.detect_base_model(WORLD_PATH).sd_v1
+
+
+@pytest.mark.parametrize(
+    ("where", "name", "base_model"),
+    [
+        ("model_index.json", "CompVis/stable-diffusion-v1-4", "CompVis/stable-diffusion-v1-4"),
+        ("model_index.json", "runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+        (
+            "unet/config.json",
+            "{home}/.cache/huggingface/hub/models--stable-diffusion-v1-5--stable-diffusion-v1-5/snapshots/0a1b/unet",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ),
+    ],
+    ids=["sd14", "sd15-runwayml", "sd15-cache-path"],
+)
+def test_export_of_sd_v1_weights_defaults_to_openrail(saved, tmp_path, where, name, base_model):
+    edit_json(saved / where, _name_or_path=name.format(home=Path.home()))
+    folder = export_folder(saved, tmp_path / "export")
+    header = card_header(folder)
+    assert "license: creativeml-openrail-m" in header and f"base_model: {base_model}" in header
+    assert sum(line.startswith("license:") for line in header) == 1
+    assert scan_folder(folder) == []  # a cache path is still stripped from the exported configs
+
+
+def test_export_of_a_pipeline_object_loaded_from_sd_v1(saved, tmp_path):
+    pipe = KLDBBoundaryPipeline.from_pretrained(saved)
+    pipe.register_to_config(_name_or_path="CompVis/stable-diffusion-v1-4")  # what from_pretrained(repo id) records
+    header = card_header(export_folder(pipe, tmp_path / "export"))
+    assert "license: creativeml-openrail-m" in header and "base_model: CompVis/stable-diffusion-v1-4" in header
+
+
+def test_sd_v1_unet_without_a_name_gets_openrail_and_asks_for_the_base_model(saved, tmp_path, caplog):
+    edit_json(saved / "unet" / "config.json", **SD_V1_UNET)  # a locally saved SD v1 fine-tune: no repo id anywhere
+    with caplog.at_level(logging.WARNING, logger="kldb.hub"):
+        header = card_header(export_folder(saved, tmp_path / "export"))
+    assert "license: creativeml-openrail-m" in header and not any(line.startswith("base_model") for line in header)
+    assert "no config names the repo they come from; pass `base_model` (`--base-model`)" in caplog.text
+    header = card_header(export_folder(saved, tmp_path / "named", base_model="CompVis/stable-diffusion-v1-4"))
+    assert "base_model: CompVis/stable-diffusion-v1-4" in header
+
+
+def test_given_license_and_base_model_win(tiny_pipe, saved, tmp_path, caplog):
+    header = card_header(export_folder(tiny_pipe, tmp_path / "export", license="mit", base_model="someone/base"))
+    assert [line for line in header if line.startswith(("license", "base_model"))] == [
+        "license: mit",
+        "base_model: someone/base",
+    ]
+    edit_json(saved / "model_index.json", _name_or_path="CompVis/stable-diffusion-v1-4")
+    with caplog.at_level(logging.WARNING, logger="kldb.hub"):
+        header = card_header(export_folder(saved, tmp_path / "sd", license="apache-2.0"))
+    assert "license: apache-2.0" in header
+    assert "look like Stable Diffusion v1 weights" in caplog.text and "creativeml-openrail-m" in caplog.text
+
+
+def test_license_and_base_model_errors(tiny_pipe, tmp_path):
+    for bad in ("Apache 2.0", "", "MIT", 3):
+        with pytest.raises(ValueError, match=r"Expected argument `license` to be a Hub licence identifier"):
+            export_folder(tiny_pipe, tmp_path / "x", license=bad)
+    for bad in ("not an id", "a/b/c", "", 3):
+        with pytest.raises(ValueError, match=r"Expected argument `base_model` to be the Hub id of the model"):
+            export_folder(tiny_pipe, tmp_path / "x", base_model=bad)
+    with pytest.raises(ValueError, match=r"Expected no `license`, `base_model` with `model_card=False`: they go only"):
+        export_folder(tiny_pipe, tmp_path / "x", model_card=False, license="mit", base_model="a/b")
+    with pytest.raises(ValueError, match=r"Expected no `repo_id` with `model_card=False`: it goes only"):
+        export_folder(tiny_pipe, tmp_path / "x", model_card=False, repo_id="a/b")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"`folder` to be a folder \(new or existing\) but .* lies inside the file"):
+        export_folder(tiny_pipe, tmp_path / "file" / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_render_model_card_sets_the_yaml_header():
+    template = f"# card\n{RESULTS_START}\n{RESULTS_END}\n"
+    card = render_model_card(template, license="creativeml-openrail-m", base_model="CompVis/stable-diffusion-v1-4")
+    assert card.startswith("---\nlicense: creativeml-openrail-m\nbase_model: CompVis/stable-diffusion-v1-4\n---\n")
+    listed = "---\nlicense: mit\nbase_model:\n- a/b\n- c/d\ntags:\n- x\n---\n" + template
+    card = render_model_card(listed, base_model="e/f")
+    assert card.startswith("---\nlicense: mit\nbase_model: e/f\ntags:\n- x\n---\n")
+    assert render_model_card(template) == template.replace(RESULTS_END, f"{hub.NOT_MEASURED}\n{RESULTS_END}")
+
+
+def test_publish_sets_license_and_base_model(exported_copy, caplog):
+    readme = exported_copy / "README.md"
+    before = readme.read_text(encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="kldb.hub"):
+        publish(exported_copy, "someone/x", dry_run=True, license="mit", base_model="someone/base", api=FakeHubApi())
+    assert readme.read_text(encoding="utf-8") == before  # a dry run changes nothing
+    assert "Dry run: would set {'license': 'mit', 'base_model': 'someone/base'} in README.md." in caplog.text
+    api = FakeHubApi()
+    publish(exported_copy, "someone/x", license="mit", base_model="someone/base", api=api)
+    header = card_header(exported_copy)
+    assert "license: mit" in header and "base_model: someone/base" in header
+    assert "README.md" in api.uploaded
+
+
+def test_publish_warns_when_sd_v1_weights_carry_another_license(exported_copy, caplog):
+    edit_json(exported_copy / "unet" / "config.json", **SD_V1_UNET)
+    with caplog.at_level(logging.WARNING, logger="kldb.hub"):
+        publish(exported_copy, "someone/x", dry_run=True)
+    assert "README.md gives the licence apache-2.0, but these look like Stable Diffusion v1 weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kldb.hub"):
+        publish(exported_copy, "someone/x", license="creativeml-openrail-m", api=FakeHubApi())
+    assert "look like Stable Diffusion v1" not in caplog.text
+
+
+def test_publish_license_errors(exported_copy):
+    api = FakeHubApi()
+    with pytest.raises(ValueError, match=r"Expected argument `license` to be a Hub licence identifier"):
+        publish(exported_copy, "someone/x", license="Apache 2", api=api)
+    (exported_copy / "README.md").unlink()
+    with pytest.raises(ValueError, match=r"`folder` to hold a README.md model card to set license in"):
+        publish(exported_copy, "someone/x", license="mit", api=api)
+    assert api.calls == []
+
+
+def test_cli_export_and_publish_take_license_and_base_model(saved, tmp_path, capsys):
+    out = tmp_path / "export"
+    argv = ["export", str(saved), str(out), "--license", "openrail", "--base-model", "someone/base"]
+    assert hub_cli.main(argv) == 0
+    assert {"license: openrail", "base_model: someone/base"} <= set(card_header(out))
+    assert hub_cli.main(["publish", str(out), "someone/x", "--dry-run", "--license", "mit"]) == 0
+    assert "license: openrail" in card_header(out)
+    assert hub_cli.main(["export", str(saved), str(tmp_path / "bad"), "--license", "Apache 2"]) == 2
+    assert "error: Expected argument `license` to be a Hub licence identifier" in capsys.readouterr().err
