@@ -23,17 +23,28 @@ This file is self-contained on purpose: diffusers loads it alone as a community 
 """
 
 import difflib
+import inspect
+import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, LMSDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ConfigMixin,
+    LMSDiscreteScheduler,
+    ModelMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.image_processor import PipelineImageInput
@@ -204,15 +215,120 @@ def _pair(size: int | Sequence[int] | None, name: str) -> tuple[int, int] | None
     raise ValueError(f"Expected argument `{name}` to be an int or a (height, width) pair but got {size!r}.")
 
 
-class ImageClassifier(torch.nn.Module):
-    """Adapter giving any image classifier the contract KLDB guidance needs.
+#: Stem of the copy of this file in the folder of a saved :class:`ImageClassifier`, as diffusers' convention for custom
+#: components wants (``model_index.json`` names it: ``"classifier": ["pipeline_kldb_boundary", "ImageClassifier"]``).
+#: It is this module's name when installed, which is what diffusers records for the class.
+CLASSIFIER_FILE_STEM = "pipeline_kldb_boundary"
+#: Builder arguments an ``architecture`` may not set: the network is built with random weights, then loaded.
+_RESERVED_BUILDER_ARGUMENTS = ("weights", "progress", "pretrained")
+_ARCHITECTURE_TEMPLATE = (
+    "Expected argument `architecture` to be a torchvision classification builder name (e.g. 'resnet50') or a dict "
+    "{{'library': 'torchvision', 'name': ..., 'kwargs': {{...}}}} or {{'library': 'transformers', 'class': ..., "
+    "'config': {{...}}}} but got {got!r}."
+)
+
+
+def is_image_classifier(obj: Any) -> bool:
+    """Whether ``obj`` is an :class:`ImageClassifier`, also one whose class was loaded from a Hub folder's copy of
+    this file (a different class object with the same marker)."""
+    return bool(getattr(type(obj), "_is_kldb_image_classifier", False))
+
+
+def _check_architecture(architecture: Any) -> dict[str, Any]:
+    """``architecture`` as a dict ``{"library": ..., ...}``, or an error naming what is wrong."""
+    if isinstance(architecture, str):
+        architecture = {"library": "torchvision", "name": architecture}
+    if not isinstance(architecture, dict):
+        raise TypeError(_ARCHITECTURE_TEMPLATE.format(got=architecture))
+    library = architecture.get("library")
+    if library == "torchvision":
+        import torchvision.models
+
+        name, kwargs = architecture.get("name"), architecture.get("kwargs") or {}
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(_ARCHITECTURE_TEMPLATE.format(got=architecture) + f" {name!r} is not one of them.")
+        if not isinstance(kwargs, dict) or any(key in kwargs for key in _RESERVED_BUILDER_ARGUMENTS):
+            raise ValueError(
+                f"Expected `architecture['kwargs']` to be a dict of builder arguments without "
+                f"{list(_RESERVED_BUILDER_ARGUMENTS)} (weights are loaded from the saved file) but got {kwargs!r}."
+            )
+        return {"library": "torchvision", "name": name, "kwargs": dict(kwargs)}
+    if library == "transformers":
+        import transformers
+
+        model_class = getattr(transformers, str(architecture.get("class")), None)
+        if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+            raise ValueError(
+                _ARCHITECTURE_TEMPLATE.format(got=architecture)
+                + f" {architecture.get('class')!r} is not a transformers model class."
+            )
+        if not isinstance(architecture.get("config"), dict):
+            raise ValueError(_ARCHITECTURE_TEMPLATE.format(got=architecture) + " 'config' has to be a dict.")
+        return {"library": "transformers", "class": model_class.__name__, "config": dict(architecture["config"])}
+    raise ValueError(_ARCHITECTURE_TEMPLATE.format(got=architecture))
+
+
+def _build_network(architecture: dict[str, Any]) -> torch.nn.Module:
+    """The network an ``architecture`` (checked by :func:`_check_architecture`) describes, with random weights."""
+    if architecture["library"] == "torchvision":
+        import torchvision.models
+
+        return torchvision.models.get_model(architecture["name"], weights=None, **architecture["kwargs"])
+    import transformers
+
+    model_class = getattr(transformers, architecture["class"])
+    return model_class(model_class.config_class.from_dict(architecture["config"]))
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+def _same_torchvision_network(model: torch.nn.Module, name: str, kwargs: dict[str, Any]) -> bool:
+    """Whether torchvision's builder ``name(**kwargs)`` makes a network of ``model``'s class and parameter shapes."""
+    import torchvision.models
+
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        try:
+            candidate = torchvision.models.get_model(name, weights=None, **kwargs)
+        except (TypeError, ValueError):
+            return False
+    return type(candidate) is type(model) and _shapes(candidate) == _shapes(model)
+
+
+def _torchvision_builder_of_weights(weights: Any) -> str | None:
+    """The torchvision builder whose weights enum ``weights`` belongs to (``ResNet50_Weights`` -> ``"resnet50"``)."""
+    import torchvision.models
+
+    for name in torchvision.models.list_models(module=torchvision.models):
+        if torchvision.models.get_model_weights(name) is type(weights):
+            return name
+    return None
+
+
+class ImageClassifier(ModelMixin, ConfigMixin):
+    """Adapter giving any image classifier the contract KLDB guidance needs; a diffusers component that saves and loads.
 
     ``forward`` maps images ``(B, 3, H, W)`` with values in ``[0, 1]`` to logits ``(B, n)`` in float32, applying the
-    model's own preprocessing (resize, center crop, normalisation) in torch so that gradients reach the images.
+    model's own preprocessing (resize, center crop, normalisation) in torch so that gradients reach the images. The
+    preprocessing runs in float32 (or float64) and its result is cast to the model's dtype, so a float16 or bfloat16
+    model works on any device.
+
+    It saves like any diffusers model (``save_pretrained``: ``config.json`` with the preprocessing, the labels and how
+    to rebuild the network, safetensors weights, and this file, so that a Hub download rebuilds it with
+    ``trust_remote_code=True``) and loads with ``ImageClassifier.from_pretrained``; in a pipeline it is saved and loaded
+    with the other components. The network is rebuilt from ``architecture``: torchvision classifiers by their builder
+    name, transformers classifiers from their config. A module that cannot be rebuilt from a config is refused at save
+    time.
 
     Args:
         model: a ``torch.nn.Module`` or callable returning logits, a tuple whose first item is the logits, or an
-            object with a ``logits`` attribute (transformers outputs).
+            object with a ``logits`` attribute (transformers outputs). ``None`` builds the network from
+            ``architecture`` with random weights (what ``from_pretrained`` does before it loads the weights).
+        architecture: how to rebuild ``model``: the name of a torchvision classification builder (``"resnet50"``), a
+            dict ``{"library": "torchvision", "name": "resnet50", "kwargs": {"num_classes": 10}}``, or
+            ``{"library": "transformers", "class": "ResNetForImageClassification", "config": {...}}``. By default it is
+            found when the classifier is saved (see :meth:`architecture_config`).
         resize: ``int`` to resize the shorter edge to that length (torchvision / ``shortest_edge`` semantics), a
             ``(height, width)`` pair to resize to exactly that size, or ``None`` for no resize.
         crop: ``(height, width)`` (or ``int``) center crop after the resize, or ``None``.
@@ -221,10 +337,14 @@ class ImageClassifier(torch.nn.Module):
         interpolation: ``"bilinear"`` or ``"bicubic"`` (antialiased, as torchvision's tensor transforms).
     """
 
+    # a copy of this class loaded from a saved folder's file is another class object: recognised by this marker
+    _is_kldb_image_classifier = True
+
     def __init__(
         self,
-        model: torch.nn.Module | Callable[[torch.Tensor], Any],
+        model: torch.nn.Module | Callable[[torch.Tensor], Any] | None = None,
         *,
+        architecture: str | dict[str, Any] | None = None,
         resize: int | Sequence[int] | None = None,
         crop: int | Sequence[int] | None = None,
         mean: Sequence[float] | None = None,
@@ -233,6 +353,13 @@ class ImageClassifier(torch.nn.Module):
         interpolation: str = "bilinear",
     ):
         super().__init__()
+        architecture = _check_architecture(architecture) if architecture is not None else None
+        if model is None:
+            if architecture is None:
+                raise TypeError(
+                    "Expected argument `model` (a classifier) or `architecture` (to build one) but got neither."
+                )
+            model = _build_network(architecture).eval()
         if not callable(model):
             raise TypeError(f"Expected argument `model` to be a callable returning logits but got {type(model)}.")
         if interpolation not in ("bilinear", "bicubic"):
@@ -250,11 +377,18 @@ class ImageClassifier(torch.nn.Module):
         self.crop = _pair(crop, "crop")
         self.interpolation = interpolation
         self.labels = list(labels) if labels is not None else None
-        if mean is not None:
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        else:
-            self.mean = self.std = None
+        # plain float32 tensors, not buffers: they stay float32 when the model is cast, as the preprocessing does
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) if mean is not None else None
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) if std is not None else None
+        self.register_to_config(
+            architecture=architecture,
+            resize=self.resize,
+            crop=self.crop,
+            mean=[float(m) for m in mean] if mean is not None else None,
+            std=[float(s) for s in std] if std is not None else None,
+            labels=self.labels,
+            interpolation=interpolation,
+        )
         if isinstance(model, torch.nn.Module) and model.training:
             logger.warning(f"Putting classifier {type(model).__name__} in eval mode (it was in training mode).")
             model.eval()
@@ -262,11 +396,14 @@ class ImageClassifier(torch.nn.Module):
     # --- factories ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_torchvision(cls, model: torch.nn.Module, weights: Any) -> "ImageClassifier":
+    def from_torchvision(
+        cls, model: torch.nn.Module, weights: Any, architecture: str | dict[str, Any] | None = None
+    ) -> "ImageClassifier":
         """Wrap a torchvision classifier with the preprocessing and label names of its weights enum.
 
         Example: ``ImageClassifier.from_torchvision(resnet50(weights=w), w)`` with
-        ``w = ResNet50_Weights.IMAGENET1K_V2``.
+        ``w = ResNet50_Weights.IMAGENET1K_V2``. The builder that rebuilds the network when it is saved is the one the
+        weights enum belongs to (``"resnet50"``), unless ``architecture`` names another.
         """
         if not hasattr(weights, "transforms") or not hasattr(weights, "meta"):
             raise TypeError(
@@ -276,13 +413,20 @@ class ImageClassifier(torch.nn.Module):
         preset = weights.transforms()
         interpolation = getattr(getattr(preset, "interpolation", None), "value", "bilinear")
         resize = list(preset.resize_size)
+        labels = list(weights.meta["categories"])
+        if architecture is None:
+            name = _torchvision_builder_of_weights(weights)
+            architecture = (
+                {"library": "torchvision", "name": name, "kwargs": {"num_classes": len(labels)}} if name else None
+            )
         return cls(
             model,
+            architecture=architecture,
             resize=resize[0] if len(resize) == 1 else tuple(resize),
             crop=tuple(preset.crop_size) if len(preset.crop_size) == 2 else preset.crop_size[0],
             mean=list(preset.mean),
             std=list(preset.std),
-            labels=list(weights.meta["categories"]),
+            labels=labels,
             interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
         )
 
@@ -373,8 +517,15 @@ class ImageClassifier(torch.nn.Module):
         return param.dtype if param is not None else torch.float32
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize, center crop and normalise ``(B, 3, H, W)`` images in ``[0, 1]``, differentiably."""
-        x = images
+        """Resize, center crop and normalise ``(B, 3, H, W)`` images in ``[0, 1]``, differentiably.
+
+        The arithmetic runs in float32 (float64 for float64 images or model): antialiased resizing has no float16 or
+        bfloat16 kernel on CPU, and rounding there would blur what the classifier sees. The result is cast to the
+        model's dtype (a parameter-free callable gets the dtype of ``images``).
+        """
+        param = self._param()
+        target = param.dtype if param is not None else images.dtype
+        x = images.to(torch.promote_types(torch.promote_types(images.dtype, target), torch.float32))
         if self.resize is not None:
             h, w = x.shape[-2:]
             if isinstance(self.resize, int):
@@ -394,11 +545,11 @@ class ImageClassifier(torch.nn.Module):
             x = x[..., top : top + ch, left : left + cw]
         if self.mean is not None:
             x = (x - self.mean.to(x)) / self.std.to(x)
-        return x
+        return x.to(target)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         param = self._param()  # a parameter-free callable gets the images where they are
-        x = images if param is None else images.to(device=param.device, dtype=param.dtype)
+        x = images if param is None else images.to(device=param.device)
         out = self.model(self.preprocess(x))
         if hasattr(out, "logits"):
             out = out.logits
@@ -409,6 +560,75 @@ class ImageClassifier(torch.nn.Module):
             raise ValueError(f"Expected the classifier to return logits of shape [B, n] but it returned {got}.")
         return out.float()
 
+    # --- saving and loading ------------------------------------------------------------------------------------------
+
+    def architecture_config(self) -> dict[str, Any]:
+        """How to rebuild the network from a config, as saved in ``config.json`` under ``architecture``.
+
+        The ``architecture`` given at construction (a torchvision one is checked against the network's class and
+        parameter shapes), else one found from the network: a transformers model by its class and config, a
+        torchvision model by its class and parameter shapes among torchvision's classification builders.
+
+        Raises:
+            ValueError: if the network cannot be rebuilt from a config; the message says what to do instead.
+        """
+        model, given = self.model, self.config["architecture"]
+        if given is not None:
+            if given["library"] == "torchvision" and not (
+                isinstance(model, torch.nn.Module) and _same_torchvision_network(model, given["name"], given["kwargs"])
+            ):
+                raise ValueError(
+                    f"Expected argument `architecture` to rebuild the classifier's network ({type(model).__name__}) "
+                    f"but torchvision's {given['name']}(**{given['kwargs']}) has another class or other parameter "
+                    "shapes; name the builder and arguments that made the network."
+                )
+            return given
+        import transformers
+
+        if isinstance(model, PreTrainedModel) and getattr(transformers, type(model).__name__, None) is type(model):
+            config = model.config.to_dict()
+            config.pop("_name_or_path", None)  # where it was loaded from: not part of the architecture
+            return {"library": "transformers", "class": type(model).__name__, "config": config}
+        if isinstance(model, torch.nn.Module) and type(model).__module__.startswith("torchvision.models"):
+            import torchvision.models
+
+            linear = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            sizes = dict.fromkeys([*([len(self.labels)] if self.labels else []), *linear[-1:], None])
+            for name in torchvision.models.list_models(module=torchvision.models):
+                if torchvision.models.get_model_builder(name).__module__ != type(model).__module__:
+                    continue
+                for size in sizes:
+                    kwargs = {"num_classes": size} if size is not None else {}
+                    if _same_torchvision_network(model, name, kwargs):
+                        return {"library": "torchvision", "name": name, "kwargs": kwargs}
+        raise ValueError(
+            f"The classifier's network ({type(model).__name__}) cannot be rebuilt from a config, so it cannot be saved. "
+            "Wrap a torchvision model with `ImageClassifier.from_torchvision(model, weights)` or pass "
+            "`ImageClassifier(model, architecture='<torchvision builder name>', ...)`; give a transformers model as "
+            "it is or through `ImageClassifier.from_transformers`. Otherwise save the pipeline without it "
+            "(`pipe.register_modules(classifier=None)` before `save_pretrained`) and pass it again with "
+            "`from_pretrained(..., classifier=...)` or per call (`pipe(..., classifier=...)`)."
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """As :meth:`ModelMixin.save_pretrained`, with this file beside the weights so that a Hub download rebuilds it.
+
+        Refused (before anything is written) when the network cannot be rebuilt: see :meth:`architecture_config`.
+        """
+        self.register_to_config(architecture=self.architecture_config())
+        os.makedirs(save_directory, exist_ok=True)
+        source = Path(inspect.getfile(type(self))).read_text(encoding="utf-8")
+        Path(save_directory, f"{CLASSIFIER_FILE_STEM}.py").write_text(source, encoding="utf-8")
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "ImageClassifier":
+        """As :meth:`ModelMixin.from_pretrained`: the network is rebuilt from ``architecture``, then its weights are read
+        from safetensors (only, unless ``use_safetensors=False`` is passed), also when a pipeline loads it."""
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
 
 def _is_transformers_classifier(model: Any) -> bool:
     return isinstance(model, PreTrainedModel) and hasattr(getattr(model, "config", None), "id2label")
@@ -417,11 +637,12 @@ def _is_transformers_classifier(model: Any) -> bool:
 def as_image_classifier(classifier: Any, image_processor: Any = None) -> ImageClassifier:
     """Turn what a user passes as ``classifier`` into an :class:`ImageClassifier`.
 
-    Accepts an :class:`ImageClassifier` (returned as is), a transformers image-classification model (preprocessing from
-    ``image_processor``), or any other module/callable mapping ``[0, 1]`` images to logits (no preprocessing). A bare
-    torchvision model is refused: it needs its weights' normalisation, see :meth:`ImageClassifier.from_torchvision`.
+    Accepts an :class:`ImageClassifier` (returned as is, also a copy of the class loaded from a saved folder), a
+    transformers image-classification model (preprocessing from ``image_processor``), or any other module/callable
+    mapping ``[0, 1]`` images to logits (no preprocessing). A bare torchvision model is refused: it needs its weights'
+    normalisation, see :meth:`ImageClassifier.from_torchvision`.
     """
-    if isinstance(classifier, ImageClassifier):
+    if is_image_classifier(classifier):
         return classifier
     if _is_transformers_classifier(classifier):
         return ImageClassifier.from_transformers(classifier, image_processor)
@@ -472,6 +693,48 @@ def class_prompt(labels: Sequence[str], classes: Sequence[int]) -> str:
         'three and two'
     """
     return " and ".join(labels[i] for i in classes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving and loading in the Hub layout of a custom pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: Stem of this file in a saved folder: ``model_index.json`` names the pipeline ``["kldb_boundary",
+#: "KLDBBoundaryPipeline"]`` and ``kldb_boundary.py`` lies beside it, the layout diffusers documents for custom
+#: pipelines on the Hub. It is also the name under which diffusers' community folder would hold this file.
+PIPELINE_FILE_STEM = "kldb_boundary"
+#: Weight files that may hold pickles: never downloaded while weights are read from safetensors only.
+_PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
+
+
+def _source_of(cls: type) -> str:
+    """The text of the file that defines ``cls`` (this file, or the copy diffusers loaded it from)."""
+    return Path(inspect.getfile(cls)).read_text(encoding="utf-8")
+
+
+def _names_image_classifier(entry: Any) -> bool:
+    """Whether a ``model_index.json`` entry is a saved :class:`ImageClassifier` (a custom component)."""
+    return (
+        isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None and entry[1] == "ImageClassifier"
+    )
+
+
+def _signature_with_required_components(init: Callable[..., None], components: Sequence[str]) -> inspect.Signature:
+    """The signature of ``init`` with ``components`` declared without a default.
+
+    That is how diffusers tells a component from a config value. Parameters after the first one that keeps a default
+    become keyword-only, so that the signature stays valid.
+    """
+    parameters, keyword_only = [], False
+    for parameter in inspect.signature(init).parameters.values():
+        if parameter.name in components:
+            parameter = parameter.replace(default=inspect.Parameter.empty)
+        elif parameter.default is not inspect.Parameter.empty:
+            keyword_only = True
+        if keyword_only and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            parameter = parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        parameters.append(parameter)
+    return inspect.Signature(parameters)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -609,6 +872,7 @@ class _UNetCall:
     prediction: torch.Tensor  # (R, c, h, w)
     rows: slice | None = None
     shared: tuple[torch.Tensor, torch.Tensor] | None = None
+    latents: torch.Tensor | None = None  # (B, c, h, w) the step's input latent, when it is known exactly
 
 
 @dataclass
@@ -620,6 +884,7 @@ class _CallState:
     shared_forwards: int = 0
     batch: int | None = None  # latents per step, seen at the last step end
     negative_prompt_embeds: torch.Tensor | None = None  # seen at the last step end
+    latents: torch.Tensor | None = None  # returned at the last step end
     record: _UNetCall | None = None  # the UNet call of the current guided step
     started_by_hook: bool = False
 
@@ -825,6 +1090,7 @@ class KLDBGuidanceCallback(PipelineCallback):
         state = self._state
         rows = self._conditional_rows(call.get("encoder_hidden_states"), state.negative_prompt_embeds, state.batch)
         total = sample.shape[0]
+        latents = self._step_input(scheduler, sample, timestep)
         if (
             rows is None
             or not self.shares_unet_forward
@@ -832,7 +1098,8 @@ class KLDBGuidanceCallback(PipelineCallback):
             or (torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() > 1)
         ):
             output = forward(sample, timestep, **call)
-            state.record = _UNetCall(step_index, sample, timestep, call, forward, _noise_prediction(output).detach())
+            prediction = _noise_prediction(output).detach()
+            state.record = _UNetCall(step_index, sample, timestep, call, forward, prediction, latents=latents)
             return output
         cond_input = sample[rows].detach().requires_grad_(True)
         with torch.enable_grad():
@@ -843,9 +1110,22 @@ class KLDBGuidanceCallback(PipelineCallback):
         elif rows.stop < total:
             parts.append(forward(sample[rows.stop :], timestep, **_select_rows(call, slice(rows.stop, total), total))[0])
         prediction = torch.cat(parts) if len(parts) > 1 else parts[0]
-        state.record = _UNetCall(step_index, sample, timestep, call, forward, prediction, rows, (cond_input, eps))
+        state.record = _UNetCall(
+            step_index, sample, timestep, call, forward, prediction, rows, (cond_input, eps), latents
+        )
         state.shared_forwards += 1
         return (prediction,)
+
+    def _step_input(self, scheduler: Any, sample: torch.Tensor, timestep: Any) -> torch.Tensor | None:
+        """The latent the step started from, exactly: the one the last step end returned, if every block of rows of
+        the UNet input is that latent scaled as the scheduler scales it (else ``None``: a user's callback changed it
+        after ours, or it is the first step)."""
+        latents = self._state.latents
+        if latents is None or sample.shape[0] % latents.shape[0] or sample.shape[1:] != latents.shape[1:]:
+            return None
+        scaled = scheduler.scale_model_input(latents, timestep).to(sample.dtype)
+        blocks = sample.split(latents.shape[0])
+        return latents if all(torch.equal(block, scaled) for block in blocks) else None
 
     @staticmethod
     def _conditional_rows(embeds: Any, negative: Any, batch: int | None) -> slice | None:
@@ -891,7 +1171,8 @@ class KLDBGuidanceCallback(PipelineCallback):
             return checked_logits(self.classifier(images), images.shape[0], "classifier")
 
         total = record.sample.shape[0]
-        z = record.sample[rows].detach().to(dtype) * c  # (B, c, h, w) the latent the step started from
+        # (B, c, h, w) the latent the step started from: known exactly, or the UNet input scaled back
+        z = record.latents.to(dtype) if record.latents is not None else record.sample[rows].detach().to(dtype) * c
         half = (self.autocast_dtype or vae.dtype) == torch.float16
         autocast = torch.autocast(z.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         scaled = eps = None
@@ -960,6 +1241,7 @@ class KLDBGuidanceCallback(PipelineCallback):
                 callback_kwargs["latents"] = torch.where(ok.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
                 state.skipped_updates += int((~ok).sum())
                 state.guided_updates += int(ok.sum())
+        state.latents = callback_kwargs["latents"]
         if self._auto_attached and step_index + 1 >= getattr(pipeline, "num_timesteps", step_index + 1):
             self._detach()
         return callback_kwargs
@@ -1072,29 +1354,114 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             guidance_vae=guidance_vae,
         )
 
+    # diffusers tells a component from a config value by the parameter's default: without one it is a component (as
+    # StableDiffusionPipeline declares `safety_checker`); with one, only if the class lists it in `_optional_components`.
+    # But `DiffusionPipeline.from_pretrained`, when it loads this class from its file, reads that list from
+    # `DiffusionPipeline` (where it is empty): a component passed there by keyword would count as a config value, and the
+    # one saved in the folder would replace it. The signature diffusers reads therefore declares the optional
+    # components without a default. Python calls may still leave them out: they default to None.
+    __init__.__signature__ = _signature_with_required_components(__init__, _optional_components)
+
     @staticmethod
     def _as_component(classifier: Any) -> Any:
-        """A transformers classifier is kept as is (it saves and loads); anything else becomes an ImageClassifier."""
-        if classifier is None or _is_transformers_classifier(classifier):
+        """A transformers classifier is kept as is (saved in its own format); anything else becomes an ImageClassifier.
+
+        An ImageClassifier is kept as is, also one whose class was loaded from a saved folder's copy of this file.
+        """
+        if classifier is None or _is_transformers_classifier(classifier) or is_image_classifier(classifier):
             return classifier
         return as_image_classifier(classifier)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "KLDBBoundaryPipeline":
-        """As :meth:`DiffusionPipeline.from_pretrained`; also takes a ``classifier`` that is not a transformers model.
+        """As :meth:`DiffusionPipeline.from_pretrained`, returning this class with no code run from the folder or repo.
 
-        diffusers checks a passed component against the class saved in ``model_index.json``; a torchvision model, an
-        :class:`ImageClassifier` or a plain module replaces a saved transformers classifier here instead. Weights are
-        read from safetensors only (``use_safetensors=True`` unless you pass otherwise): no pickle is unpickled.
+        - ``classifier`` (any kind :func:`as_image_classifier` takes, or ``None``) replaces the saved one, whatever kind
+          that is. A saved :class:`ImageClassifier` is loaded with this file's class: no ``trust_remote_code``.
+        - Weights are read from safetensors only (``use_safetensors=True`` unless you pass otherwise): no pickle is
+          unpickled.
+        - A repo id is downloaded as :meth:`download` does.
         """
         kwargs.setdefault("use_safetensors", True)
+        source = os.fspath(pretrained_model_name_or_path)
+        folder = source if os.path.isdir(source) else cls.download(source, **kwargs)
+        own_classifier = "classifier" in kwargs
         classifier = kwargs.get("classifier")
-        if classifier is None or _is_transformers_classifier(classifier):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        kwargs["classifier"] = None
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipe.register_modules(classifier=cls._as_component(classifier))
+        if not own_classifier and _names_image_classifier(cls.load_config(folder).get("classifier")):
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, dict):
+                dtype = dtype.get("classifier", dtype.get("default"))
+            classifier = ImageClassifier.from_pretrained(
+                os.path.join(folder, "classifier"), torch_dtype=dtype, use_safetensors=kwargs["use_safetensors"]
+            )
+            own_classifier = True
+        if own_classifier:
+            kwargs["classifier"] = None  # diffusers neither loads the saved one nor checks this one against its class
+        pipe = super().from_pretrained(folder, **kwargs)
+        if own_classifier:
+            pipe.register_modules(classifier=cls._as_component(classifier))
+        if folder != source:
+            pipe.register_to_config(_name_or_path=source)
         return pipe
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
+        """As :meth:`DiffusionPipeline.download`, without running the repo's code when it is not asked for.
+
+        diffusers reads a repo whose ``model_index.json`` names its pipeline file (``["kldb_boundary",
+        "KLDBBoundaryPipeline"]``) by importing that file, which takes ``trust_remote_code=True``. This class needs no
+        code from the repo: such a repo is fetched as its index and the component folders it lists (not those passed
+        as arguments), without pickle files unless ``use_safetensors=False``. Other repos (Stable Diffusion's) and
+        calls with ``trust_remote_code`` or ``custom_pipeline`` go to diffusers as they are.
+        """
+        if kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") is not None:
+            return super().download(pretrained_model_name, **kwargs)
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "force_download", "local_files_only", "token", "revision")
+            if kwargs.get(key) is not None
+        }
+        index_file = hf_hub_download(pretrained_model_name, cls.config_name, **hub_kwargs)
+        index = json.loads(Path(index_file).read_text(encoding="utf-8"))
+        if not isinstance(index.get("_class_name"), list):
+            return super().download(pretrained_model_name, **kwargs)
+        folders = [
+            name
+            for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None and name not in kwargs
+        ]
+        return snapshot_download(
+            pretrained_model_name,
+            allow_patterns=[cls.config_name, *(f"{name}/*" for name in folders)],
+            ignore_patterns=[] if kwargs.get("use_safetensors") is False else _PICKLE_PATTERNS,
+            **hub_kwargs,
+        )
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`ConfigMixin.load_config`; a ``_class_name`` of ``[file stem, this class's name]`` reads as this class.
+
+        Saved folders name the pipeline by its file (see :meth:`save_pretrained`), so that
+        ``DiffusionPipeline.from_pretrained`` loads the class from there. Loading through this class already has the
+        class, and then needs no code from the folder.
+        """
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        name = config.get("_class_name")
+        if isinstance(name, (list, tuple)) and len(name) == 2 and name[1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return loaded
+
+    @classmethod
+    def from_pipe(cls, pipeline: Any, **kwargs: Any) -> "KLDBBoundaryPipeline":
+        """As :meth:`DiffusionPipeline.from_pipe`; optional components that ``pipeline`` lacks (a plain
+        StableDiffusionPipeline has no classifier) are ``None`` unless passed."""
+        for name in cls._optional_components:
+            if name not in kwargs and name not in pipeline.components:
+                kwargs[name] = None
+        return super().from_pipe(pipeline, **kwargs)
 
     def enable_guidance_checkpointing(self) -> None:
         """Gradient checkpointing in the VAE decoder and the UNet; it acts only in the guidance pass.
@@ -1132,25 +1499,37 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         """
         self.scheduler = LMSDiscreteScheduler.from_config(self.scheduler.config, **overrides)
 
-    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        """As :meth:`DiffusionPipeline.save_pretrained`; a classifier that is not a transformers model is left out.
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """As :meth:`DiffusionPipeline.save_pretrained`, in the Hub layout of a custom pipeline.
 
-        Such a classifier (a torchvision model, an :class:`ImageClassifier`, a plain module) has no portable config;
-        pass it again with ``from_pretrained(..., classifier=...)``.
+        ``model_index.json`` names the pipeline ``["kldb_boundary", "KLDBBoundaryPipeline"]`` and this file lies beside
+        it as ``kldb_boundary.py``. The folder, and a Hub repo made from it, then loads with
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` as well as with this class. An
+        :class:`ImageClassifier` is saved as a custom component (its config, safetensors weights and this file in its
+        folder); one that cannot be rebuilt from a config is refused before anything is written.
         """
         classifier = self.classifier
-        if classifier is not None and not _is_transformers_classifier(classifier):
-            logger.warning(
-                f"The classifier ({type(classifier).__name__}) is not a transformers model and is not saved; pass it "
-                "again with `from_pretrained(..., classifier=...)`."
+        if is_image_classifier(classifier):
+            classifier.architecture_config()  # raises, saying what to do, when it cannot be saved
+        elif classifier is not None and not _is_transformers_classifier(classifier):
+            raise TypeError(
+                f"Expected the pipeline's `classifier` to be an ImageClassifier or a transformers model to save it but "
+                f"got {type(classifier).__name__}; set it with `pipe.register_modules(classifier=as_image_classifier(c))`"
+                " or leave it out with `pipe.register_modules(classifier=None)`."
             )
-            self.register_modules(classifier=None)
-            try:
-                super().save_pretrained(save_directory, *args, **kwargs)
-            finally:
-                self.register_modules(classifier=classifier)
-        else:
-            super().save_pretrained(save_directory, *args, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        Path(save_directory, f"{PIPELINE_FILE_STEM}.py").write_text(_source_of(type(self)), encoding="utf-8")
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as ``model_index.json`` holds it: the pipeline named by its file, ``["kldb_boundary", class]``, and
+        an :class:`ImageClassifier` by the copy of this file in its folder, ``["pipeline_kldb_boundary",
+        "ImageClassifier"]`` (diffusers' convention for custom components)."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [PIPELINE_FILE_STEM, type(self).__name__]
+        if is_image_classifier(getattr(self, "classifier", None)) and isinstance(config.get("classifier"), list):
+            config["classifier"] = [CLASSIFIER_FILE_STEM, "ImageClassifier"]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     # --- inputs ------------------------------------------------------------------------------------------------------
 
