@@ -773,6 +773,10 @@ def kldb_guidance_gradient(
     """
     if (eps is None) == (predict_eps is None):
         raise ValueError("Pass exactly one of `eps` (detached noise prediction) and `predict_eps` (through the UNet).")
+    if eps is not None and eps.shape != z.shape:
+        raise ValueError(
+            f"Expected argument `eps` to have the shape of `z` {tuple(z.shape)} but got {tuple(eps.shape)}."
+        )
     z = z.detach().requires_grad_(True)
     eps = predict_eps(z) if eps is None else eps.detach()
     x0 = z - sigma * eps  # (B, c, h, w) predicted clean latent
@@ -818,6 +822,10 @@ def normalize_guidance_gradient(grad: torch.Tensor, z: torch.Tensor) -> tuple[to
     Returns:
         ``(g_star, ok)``: ``g_star`` like ``grad``; ``ok`` ``[B]`` bool, False where the update is skipped.
     """
+    if grad.shape != z.shape:
+        raise ValueError(
+            f"Expected argument `grad` to have the shape of `z` {tuple(z.shape)} but got {tuple(grad.shape)}."
+        )
     grad_norm = grad.detach().flatten(1).float().norm(dim=1)  # (B,)
     z_norm = z.detach().flatten(1).float().norm(dim=1)  # (B,)
     ok = torch.isfinite(grad_norm) & (grad_norm > 0) & torch.isfinite(z_norm)
@@ -1000,8 +1008,18 @@ class KLDBGuidanceCallback(PipelineCallback):
             raise TypeError(f"Expected argument `guidance_scale` to be a float but got {guidance_scale!r}.")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"Expected argument `guidance_scale` to be finite and >= 0 but got {guidance_scale}.")
+        if (
+            isinstance(classes, (str, bytes))
+            or not isinstance(classes, Sequence)
+            or not classes
+            or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
+            raise ValueError(
+                f"Expected argument `classes` to be a non-empty sequence of distinct class indices but got {classes!r}."
+            )
         self.classifier = classifier
-        self.classes = list(classes)
+        self.classes = [int(c) for c in classes]
         self.guidance_scale = float(guidance_scale)
         self.interval = interval
         self.gradient = gradient

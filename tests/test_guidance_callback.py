@@ -253,6 +253,9 @@ def test_conditional_rows_are_told_apart_by_content_not_order():
         ({"interval": 0}, ValueError, r"Expected argument `interval` to be a positive integer but got 0"),
         ({"guidance_scale": -1.0}, ValueError, r"Expected argument `guidance_scale` to be finite and >= 0 but got -1.0"),
         ({"guidance_scale": "0.1"}, TypeError, r"Expected argument `guidance_scale` to be a float but got '0.1'"),
+        ({"classes": []}, ValueError, r"Expected argument `classes` to be a non-empty sequence of distinct class indices but got \[\]"),
+        ({"classes": [3, 3]}, ValueError, r"distinct class indices but got \[3, 3\]"),
+        ({"classes": "three"}, ValueError, r"distinct class indices but got 'three'"),
         ({"classifier": "resnet"}, TypeError, r"Expected argument `classifier` to be a callable mapping images to logits but got str"),
     ],
 )
@@ -272,3 +275,13 @@ def test_a_classifier_returning_too_few_rows_is_refused(parts):
     with pytest.raises(ValueError, match=r"Expected the `classifier` to return logits for each of the 2 images it was given but it returned 1 rows"):
         ours(classes=[0, 1], classifier=FirstImageOnly(), prompt=PROMPT, num_inference_steps=2, kldb_guidance_interval=1,
              generator=gen(0))  # fmt: skip
+
+
+def test_shapes_that_disagree_are_refused():
+    from pipeline_kldb_boundary import kldb_guidance_gradient, normalize_guidance_gradient
+
+    z = torch.zeros(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"Expected argument `eps` to have the shape of `z` \(2, 4, 8, 8\) but got \(1, 4, 8, 8\)"):
+        kldb_guidance_gradient(z, 1.0, [0, 1], lambda x: x, lambda x: x, eps=torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"Expected argument `grad` to have the shape of `z` \(2, 4, 8, 8\) but got \(2, 4, 8\)"):
+        normalize_guidance_gradient(torch.zeros(2, 4, 8), z)

@@ -44,7 +44,19 @@ def test_vae_slicing_changes_nothing(pipe):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_guidance_pass(pipe, dtype):
     base = pipe(generator=gen(2), num_images_per_prompt=2, **KWARGS)
-    mixed = pipe(generator=gen(2), num_images_per_prompt=2, kldb_autocast_dtype=dtype, **KWARGS)
+    seen = []  # the dtype the VAE decoder's first convolution computes in, and whether autocast is on, per forward
+
+    def spy(module, args, output):
+        seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+
+    handle = pipe.vae.decoder.conv_in.register_forward_hook(spy)
+    try:
+        mixed = pipe(generator=gen(2), num_images_per_prompt=2, kldb_autocast_dtype=dtype, **KWARGS)
+    finally:
+        handle.remove()
+    # the 3 guidance passes ran under autocast in `dtype`; the final decode of the returned images did not
+    assert seen.count((True, dtype)) == 3 and seen[-1] == (False, torch.float32) and len(seen) == 4
+    assert not torch.equal(mixed.images, base.images)
     assert torch.isfinite(mixed.images).all()
     assert mixed.skipped_updates == 0 and mixed.guided_updates == 6
     # low-precision gradients point nearly the same way: the images stay close to the float32 ones
