@@ -61,6 +61,43 @@ def require_modules(command: str, modules: Iterable[str]) -> None:
         raise MissingExtraError(missing_extra_message(command, missing))
 
 
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Refuse a device string torch does not parse, or a CUDA device this machine does not have."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"Expected argument `{option}` to be a torch device such as 'cpu' or 'cuda:0' but got {device!r}."
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Expected argument `{option}` to be a device of this machine but got {device!r}: no CUDA.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"Expected argument `{option}` to be a device of this machine but got {device!r}: it has "
+            f"{torch.cuda.device_count()} CUDA device(s)."
+        )
+
+
+def check_local_path_spec(value: str | None, option: str) -> None:
+    """Refuse a model spec written as a local path that does not exist, before a Hub lookup hides the mistake.
+
+    A spec counts as a path when it starts with ``/``, ``./``, ``../`` or ``~``, or has more than one ``/`` (a Hub id
+    has one).
+    """
+    if value is None or ":" in value:  # module:function and torchvision:<model>:<weights> specs
+        return
+    looks_local = value.startswith(("/", "./", "../", "~", ".\\")) or value.count("/") > 1
+    if looks_local and not Path(value).expanduser().exists():
+        raise ValueError(
+            f"Expected argument `{option}` to be an existing local folder, a Hub id or package.module:function but "
+            f"got {value!r}, a path that does not exist."
+        )
+
+
 def check_output_folder(path: str | Path, option: str) -> Path:
     """Refuse an output folder that names an existing file or lies inside one, before any work starts."""
     folder = Path(path)
@@ -289,6 +326,9 @@ def sweep_config_from_args(args: argparse.Namespace, grid: bool) -> Any:
 
     preset: Preset = get_preset(args.preset)
     check_output_folder(args.out, "--out")
+    check_device(args.device)
+    for option in ("pipeline", "classifier", "guidance_vae"):
+        check_local_path_spec(getattr(args, option), f"--{option.replace('_', '-')}")
 
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
@@ -407,6 +447,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"Expected argument `--batch-size` to be a positive integer but got {args.batch_size!r}.")
     if args.out is not None:
         check_output_folder(args.out, "--out")
+    check_device(args.device)
+    check_local_path_spec(args.classifier, "--classifier")
     result = compare_run(args.run, args.classifier, out_dir=args.out, batch_size=args.batch_size, device=args.device)
     print(summary_markdown(result))
     return 0
@@ -457,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # a model that cannot be read or downloaded, a folder that cannot be written
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; what was written is complete. Rerun the same command to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -394,3 +394,58 @@ def test_every_command_is_covered_by_the_extras_table():
     distribution = {"sklearn": "scikit-learn"}
     for module, extra in cli.EXTRA_FOR_MODULE.items():
         assert any(req.startswith(distribution.get(module, module)) for req in extras[extra]), (module, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Devices and model paths of the wrong kind
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "nonsense"], "Expected argument `--device` to be a torch device such as 'cpu' or 'cuda:0' but got 'nonsense'."),
+        (["--classifier", "/no/such/classifier"], "Expected argument `--classifier` to be an existing local folder, a Hub id or package.module:function but got '/no/such/classifier', a path that does not exist."),
+        (["--guidance-vae", "./no-such-taesd"], "Expected argument `--guidance-vae` to be an existing local folder, a Hub id or package.module:function but got './no-such-taesd', a path that does not exist."),
+        (["--pipeline", "runs/no/such/pipeline"], "Expected argument `--pipeline` to be an existing local folder, a Hub id or package.module:function but got 'runs/no/such/pipeline', a path that does not exist."),
+    ],
+    ids=["device", "classifier-path", "guidance-vae-path", "pipeline-path"],
+)  # fmt: skip
+def test_devices_and_model_paths_are_checked_first(tmp_path, capsys, argv, message):
+    status, _, err = run_cli(capsys, "generate", "--out", str(tmp_path / "run"), *TINY, "--num-images", "1", *argv)
+    assert status == cli.EXIT_USAGE and f"kldb generate: error: {message}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cuda_device_on_a_machine_without_one(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, _, err = run_cli(capsys, "sweep", "--out", str(tmp_path / "run"), *TINY, "--device", "cuda:0")
+    assert status == cli.EXIT_USAGE
+    assert "Expected argument `--device` to be a device of this machine but got 'cuda:0': no CUDA." in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    status, _, err = run_cli(capsys, "sweep", "--out", str(tmp_path / "run"), *TINY, "--device", "cuda:3")
+    assert status == cli.EXIT_USAGE and "got 'cuda:3': it has 1 CUDA device(s)." in err
+
+
+def test_compare_checks_device_and_classifier_path(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        run_cli(capsys, "sweep", "--out", str(run), *TINY, "--alphas", "0", "--num-images", "2", "--no-progress")[0]
+        == 0
+    )
+    status, _, err = run_cli(
+        capsys, "compare", str(run), "--classifier", "kldb.testing:tiny_classifier", "--device", "gpu"
+    )
+    assert status == cli.EXIT_USAGE and "Expected argument `--device` to be a torch device" in err
+    status, _, err = run_cli(capsys, "compare", str(run), "--classifier", "~/no-such-classifier")
+    assert status == cli.EXIT_USAGE and "Expected argument `--classifier` to be an existing local folder" in err
+    assert not (run / "compare").exists()
+
+
+def test_a_model_that_cannot_be_read_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "generate", "--out", str(tmp_path / "run"), *TINY, "--num-images", "1",
+                             "--guidance-vae", str(tmp_path))  # an existing folder without an AutoencoderTiny  # fmt: skip
+    assert status == cli.EXIT_FAILURE and err.startswith("kldb generate: error: ") and "Traceback" not in err

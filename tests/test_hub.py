@@ -624,3 +624,14 @@ def test_cli_export_and_publish_take_license_and_base_model(saved, tmp_path, cap
     assert "license: openrail" in card_header(out)
     assert hub_cli.main(["export", str(saved), str(tmp_path / "bad"), "--license", "Apache 2"]) == 2
     assert "error: Expected argument `license` to be a Hub licence identifier" in capsys.readouterr().err
+
+
+def test_scan_and_card_refuse_inputs_of_the_wrong_kind(tmp_path):
+    for bad in (tmp_path / "missing", tmp_path / "file.txt"):
+        (tmp_path / "file.txt").write_text("")
+        with pytest.raises(ValueError, match=r"Expected argument `folder` to be an existing folder but got '"):
+            scan_folder(bad)  # a folder that is not there must not pass as "nothing found"
+    with pytest.raises(ValueError, match=r"Expected argument `folder` to be an existing folder"):
+        hub.check_folder_is_safe(tmp_path / "missing")
+    with pytest.raises(TypeError, match=r"Expected argument `template` to be the model card's text but got NoneType"):
+        render_model_card(None)
