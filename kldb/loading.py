@@ -13,6 +13,8 @@ Classifier specs (``None`` keeps the pipeline's own classifier):
   preprocessing and label names of its weights (:meth:`ImageClassifier.from_torchvision`);
 - ``"package.module:function"``: ``function()`` returns a classifier (see :func:`as_image_classifier`) or a pair
   ``(transformers model, image processor)``, e.g. ``"kldb.testing:tiny_classifier"``;
+- a folder or Hub id saved by :meth:`ImageClassifier.save_pretrained` (its ``config.json`` names ``ImageClassifier``):
+  the adapter with its preprocessing, labels and network, from safetensors;
 - anything else: a transformers image-classification model folder or Hub id, with its image processor.
 
 Guidance decoder specs (``guidance_vae``, the small decoder the guidance gradient may use instead of the VAE's):
@@ -161,6 +163,8 @@ def load_classifier(spec: str | None, device: str | torch.device = "cpu") -> Ima
         adapter = (
             as_image_classifier(*made) if isinstance(made, tuple) and len(made) == 2 else as_image_classifier(made)
         )
+    elif is_saved_image_classifier(spec):
+        adapter = ImageClassifier.from_pretrained(spec)
     else:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -168,6 +172,15 @@ def load_classifier(spec: str | None, device: str | torch.device = "cpu") -> Ima
         processor = AutoImageProcessor.from_pretrained(spec)
         adapter = ImageClassifier.from_transformers(model, processor)
     return adapter.to(device)
+
+
+def is_saved_image_classifier(spec: str) -> bool:
+    """Whether ``spec`` names a folder or Hub repo written by :meth:`ImageClassifier.save_pretrained`."""
+    try:
+        config = ImageClassifier.load_config(spec)
+    except (OSError, ValueError):
+        return False
+    return config.get("_class_name") == ImageClassifier.__name__
 
 
 def pipeline_classifier(pipe: KLDBBoundaryPipeline) -> ImageClassifier:

@@ -9,7 +9,7 @@ import torch
 from conftest import MeanBrightnessClassifier, gen
 from torchvision.models import ResNet18_Weights, resnet18
 
-from kldb import ImageClassifier, as_image_classifier
+from kldb import ImageClassifier, KLDBBoundaryPipeline, as_image_classifier
 from pipeline_kldb_boundary import kldb_guidance_gradient
 
 
@@ -120,7 +120,9 @@ def test_plain_callable_is_used_as_is(tiny_pipe):
 
 
 def test_adapter_puts_a_training_model_in_eval_mode(caplog):
-    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(1), torch.nn.LazyLinear(2))
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(1), torch.nn.LazyLinear(2)
+    )
     module(torch.rand(2, 3, 8, 8))
     module.train()
     with caplog.at_level(logging.WARNING):
@@ -144,3 +146,48 @@ def test_probabilities_instead_of_logits_warn(tiny_pipe, caplog):
             kldb_guidance_scale=0.0, output_type="pt", generator=gen(0),
         )  # fmt: skip
     assert "seems to return probabilities" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Half precision: the preprocessing runs in float32, then casts to the model's dtype
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_preprocessing_of_a_half_precision_model_runs_in_float32(dtype):
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)).to(dtype)
+    classifier = ImageClassifier(module, resize=8, crop=(8, 8), mean=[0.5] * 3, std=[0.25] * 3)
+    images = torch.rand(2, 3, 30, 34, generator=gen(0))
+    reference = ImageClassifier(torch.nn.Identity(), resize=8, crop=(8, 8), mean=[0.5] * 3, std=[0.25] * 3)
+    expected = reference.preprocess(images)  # float32 throughout
+    assert expected.dtype == torch.float32
+    for given in (images, images.to(dtype)):  # float32 images, or half images from a half-precision VAE
+        got = classifier.preprocess(given)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, reference.preprocess(given.float()).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(classifier.preprocess(images), expected.to(dtype), rtol=0, atol=0)
+    with torch.no_grad():
+        logits = classifier(images.to(dtype))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipeline_with_a_classifier_on_cpu(dtype):
+    """The pipeline with its classifier runs in bfloat16 and float16 on CPU, unguided (the images of a plain
+    StableDiffusionPipeline with the same parts) and guided."""
+    from diffusers import StableDiffusionPipeline
+
+    from kldb.testing import tiny_components
+
+    components = tiny_components(seed=0)
+    pipe = KLDBBoundaryPipeline(**components).to(dtype=dtype)
+    sd = StableDiffusionPipeline(**{k: v for k, v in components.items() if not k.startswith("classifier")})
+    kwargs = {"prompt": "three and two", "num_inference_steps": 4, "output_type": "pt"}
+    for p in (pipe, sd):
+        p.set_progress_bar_config(disable=True)
+    unguided = pipe(**kwargs, classes=[3, 2], kldb_guidance_scale=0.0, generator=gen(0))
+    assert unguided.images.dtype == dtype and torch.isfinite(unguided.kldb).all()
+    assert torch.equal(unguided.images, sd(**kwargs, generator=gen(0)).images)  # sd shares the (cast) modules
+    guided = pipe(**kwargs, classes=[3, 2], kldb_guidance_scale=0.5, kldb_guidance_interval=2, generator=gen(0))
+    assert guided.guided_updates == 2 and guided.skipped_updates == 0
+    assert torch.isfinite(guided.kldb).all() and not torch.equal(guided.images, unguided.images)

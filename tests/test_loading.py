@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ def test_written_folder_layout(tiny_pipe, tmp_path):
     source = Path(pipeline_kldb_boundary.__file__).read_text(encoding="utf-8")
     assert (folder / "kldb_boundary.py").read_text(encoding="utf-8") == source
     assert (folder / "pipeline.py").read_text(encoding="utf-8") == source
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["kldb_boundary", "KLDBBoundaryPipeline"]  # the file that defines the class
     assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
@@ -52,9 +55,30 @@ def test_custom_pipeline_as_hub_style_folder(tiny_pipe, tmp_path):
 
 
 def test_custom_pipeline_as_python_file(tiny_pipe, tmp_path):
-    tiny_pipe.save_pretrained(tmp_path / "weights")  # weights only, no pipeline file beside them
+    # weights that name no pipeline file, as Stable Diffusion's repos: `custom_pipeline` says where the code is
+    tiny_pipe.save_pretrained(tmp_path / "weights")
+    (tmp_path / "weights" / "kldb_boundary.py").unlink()
+    index = json.loads((tmp_path / "weights" / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionPipeline"
+    (tmp_path / "weights" / "model_index.json").write_text(json.dumps(index))
     pipe = DiffusionPipeline.from_pretrained(
         tmp_path / "weights", custom_pipeline=pipeline_kldb_boundary.__file__, trust_remote_code=True
     )
     assert type(pipe).__name__ == "KLDBBoundaryPipeline"
     torch.testing.assert_close(run(pipe).images, tiny_pipe(generator=gen(0), **KWARGS).images, rtol=0, atol=1e-5)
+
+
+def test_load_classifier_reads_a_saved_image_classifier(tmp_path):
+    from kldb.loading import is_saved_image_classifier, load_classifier
+    from kldb.testing import tiny_classifier
+    from pipeline_kldb_boundary import ImageClassifier
+
+    adapter = ImageClassifier.from_transformers(*tiny_classifier(seed=0))
+    adapter.save_pretrained(tmp_path / "classifier")
+    assert is_saved_image_classifier(str(tmp_path / "classifier"))
+    assert not is_saved_image_classifier(str(tmp_path / "missing"))
+    loaded = load_classifier(str(tmp_path / "classifier"))
+    assert type(loaded) is ImageClassifier and loaded.labels == adapter.labels
+    images = torch.rand(2, 3, 32, 32, generator=gen(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), adapter(images), rtol=0, atol=1e-6)

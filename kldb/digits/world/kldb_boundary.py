@@ -1,0 +1,1 @@
+../../../pipeline_kldb_boundary.py
