@@ -182,6 +182,31 @@ def test_exported_folder_layout(exported):
         assert (exported / name).read_text(encoding="utf-8") == source
 
 
+def test_export_brings_a_folder_saved_in_the_old_layout_to_the_hub_layout(tiny_pipe, reference, tmp_path):
+    """A folder saved before model_index.json named the pipeline file: the export names it and loads every way."""
+    tiny_pipe.save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / "kldb_boundary.py").unlink()
+    index = json.loads((tmp_path / "old" / "model_index.json").read_text())
+    (tmp_path / "old" / "model_index.json").write_text(json.dumps({**index, "_class_name": "KLDBBoundaryPipeline"}))
+    folder = export_folder(tmp_path / "old", tmp_path / "export")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == [
+        "kldb_boundary",
+        "KLDBBoundaryPipeline",
+    ]
+    assert load_all(FOLDER_CALLS, folder, reference) == {}
+
+
+def test_export_refreshes_the_classifier_file_of_a_saved_folder(tmp_path):
+    adapter = ImageClassifier.from_transformers(*tiny_classifier(seed=0))
+    KLDBBoundaryPipeline(**tiny_components(with_classifier=False), classifier=adapter).save_pretrained(tmp_path / "s")
+    (tmp_path / "s" / "classifier" / "pipeline_kldb_boundary.py").write_text("# an older copy\n")
+    folder = export_folder(tmp_path / "s", tmp_path / "export")
+    source = Path(pipeline_kldb_boundary.__file__).read_text(encoding="utf-8")
+    assert (folder / "classifier" / "pipeline_kldb_boundary.py").read_text(encoding="utf-8") == source
+    theirs = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(theirs.classifier).__name__ == "ImageClassifier" and theirs.classifier.labels == adapter.labels
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Every documented call, from a folder and by repo id
 # ----------------------------------------------------------------------------------------------------------------------
