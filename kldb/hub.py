@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pipeline_kldb_boundary
-from kldb.io import default_mode
+from kldb.io import atomic_write_text, default_mode
 
 logger = logging.getLogger(__name__)
 
-#: The names diffusers resolves: ``custom_pipeline="kldb_boundary"`` looks for ``kldb_boundary.py`` in the model
-#: folder, and a Hub repo id or local folder given as ``custom_pipeline`` is read through its ``pipeline.py``.
-PIPELINE_FILE_NAMES = ("kldb_boundary.py", "pipeline.py")
+#: The names diffusers resolves: ``model_index.json``'s ``_class_name`` (``["kldb_boundary", "KLDBBoundaryPipeline"]``)
+#: and ``custom_pipeline="kldb_boundary"`` name ``kldb_boundary.py`` in the model folder, and a Hub repo id or local
+#: folder given as ``custom_pipeline`` is read through its ``pipeline.py``.
+PIPELINE_FILE_NAMES = (f"{pipeline_kldb_boundary.PIPELINE_FILE_STEM}.py", "pipeline.py")
 
 #: The pipeline's model card (Hub format); the exported folder carries it as ``README.md``. It is the repository's
 #: top-level ``model_card.md``, packaged as ``kldb/model_card.md`` (a link to it in the source tree).
@@ -95,16 +96,23 @@ def _check_destination(folder: Any, name: str = "folder") -> Path:
         raise ValueError(
             f"Expected argument `{name}` to be a folder (new or existing) but got the file {str(folder)!r}."
         )
+    parent = next((p for p in destination.parents if p.exists()), None)  # the nearest existing folder above it
+    if parent is not None and not parent.is_dir():
+        raise ValueError(
+            f"Expected argument `{name}` to be a folder (new or existing) but {str(folder)!r} lies inside the file "
+            f"{str(parent)!r}."
+        )
     return destination
 
 
 def write_pipeline_folder(pipe: Any, folder: str | os.PathLike[str], **save_kwargs: Any) -> Path:
     """Save ``pipe`` with ``save_pretrained`` and add the pipeline file under the names diffusers resolves.
 
-    The folder then loads with ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="kldb_boundary",
-    trust_remote_code=True)``, with ``custom_pipeline=folder``, or with ``custom_pipeline=folder/"pipeline.py"``.
-    The folder is written next to its destination and moved into place, so an interrupted export never leaves a
-    half-written folder behind.
+    The folder then loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (its
+    ``model_index.json`` names ``kldb_boundary.py``), with ``custom_pipeline="kldb_boundary"``,
+    ``custom_pipeline=folder`` or ``custom_pipeline=folder/"pipeline.py"``, and with
+    ``KLDBBoundaryPipeline.from_pretrained(folder)`` (no code run from the folder). The folder is written next to its
+    destination and moved into place, so an interrupted export never leaves a half-written folder behind.
 
     Args:
         pipe: a :class:`~pipeline_kldb_boundary.KLDBBoundaryPipeline`.
@@ -123,9 +131,24 @@ def write_pipeline_folder(pipe: Any, folder: str | os.PathLike[str], **save_kwar
 
 
 def _write_pipeline_files(folder: Path) -> None:
+    """Write the pipeline file under the names diffusers resolves and into each saved ImageClassifier's folder.
+
+    A folder saved before ``model_index.json`` named the pipeline file (``_class_name`` a plain class name) is brought
+    to the current layout, so that ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it.
+    """
     source = pipeline_source()
     for name in PIPELINE_FILE_NAMES:
         (folder / name).write_text(source, encoding="utf-8")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    pipeline_class = pipeline_kldb_boundary.KLDBBoundaryPipeline.__name__
+    if index.get("_class_name") == pipeline_class:
+        index["_class_name"] = [pipeline_kldb_boundary.PIPELINE_FILE_STEM, pipeline_class]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    classifier_entry = [pipeline_kldb_boundary.CLASSIFIER_FILE_STEM, pipeline_kldb_boundary.ImageClassifier.__name__]
+    for name, entry in index.items():
+        if entry == classifier_entry and (folder / name).is_dir():
+            (folder / name / f"{pipeline_kldb_boundary.CLASSIFIER_FILE_STEM}.py").write_text(source, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -198,6 +221,9 @@ def scan_folder(
     Returns:
         The findings, sorted; empty when the folder is safe to publish.
     """
+    if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
+        shown = str(folder) if isinstance(folder, (str, os.PathLike)) else folder
+        raise ValueError(f"Expected argument `folder` to be an existing folder but got {shown!r}.")
     root = Path(folder)
     secrets = {t for t in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if t}
     local_path = _local_path_pattern([root.resolve(), *extra_paths])
@@ -401,9 +427,23 @@ def render_results_section(world_info: dict[str, Any] | None = None, results: Se
 
 
 def render_model_card(
-    template: str, repo_id: str | None = None, world_info: dict[str, Any] | None = None, results: Sequence[str] = ()
+    template: str,
+    repo_id: str | None = None,
+    world_info: dict[str, Any] | None = None,
+    results: Sequence[str] = (),
+    *,
+    license: str | None = None,
+    base_model: str | None = None,
 ) -> str:
-    """Fill the model card ``template``: the results section (when something is measured) and the repo id."""
+    """Fill the model card ``template``: results section, repo id, and ``license`` / ``base_model`` in its YAML header.
+
+    Each is set only when given: the results section says "Not measured" without measurements, and the licence and
+    base model of an export come from :func:`card_metadata`.
+    """
+    if not isinstance(template, str):
+        raise TypeError(f"Expected argument `template` to be the model card's text but got {type(template).__name__}.")
+    metadata = {"license": _check_license(license), "base_model": _check_base_model(base_model)}
+    template = set_card_metadata(template, {key: value for key, value in metadata.items() if value is not None})
     body = render_results_section(world_info, results) or NOT_MEASURED
     start, end = template.find(RESULTS_START), template.find(RESULTS_END)
     if start < 0 or end < start:
@@ -415,6 +455,178 @@ def render_model_card(
     if repo_id is not None:
         template = template.replace(CARD_REPO_ID, repo_id)
     return template
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card's licence and base model
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: The licence of the project's own weights (the digits world), and of exports whose weights are not recognised.
+DEFAULT_LICENSE = "apache-2.0"
+#: Stable Diffusion v1 weights are released under the CreativeML OpenRAIL-M licence, whose use restrictions carry over
+#: to every copy and derivative; an export of them says so in its card.
+SD_V1_LICENSE = "creativeml-openrail-m"
+#: Hub ids of the Stable Diffusion v1 checkpoints, as ``_name_or_path`` records them (or a Hub cache path holds them).
+SD_V1_REPO_PATTERN = re.compile(
+    r"(?:CompVis/stable-diffusion-v1-[1-4]|runwayml/stable-diffusion-v1-5|stable-diffusion-v1-5/stable-diffusion-v1-5)"
+    r"(?![\w.-])"
+)
+#: The UNet of Stable Diffusion v1 (v1.1 to v1.5 and their fine-tunes): what identifies its weights without a name.
+SD_V1_UNET_SHAPE = {"cross_attention_dim": 768, "block_out_channels": [320, 640, 1280, 1280]}
+#: Hub licence identifiers: lower-case letters, digits, ".", "-" and "+" ("apache-2.0", "openrail++", ...).
+_LICENSE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+#: A Hub cache folder ``models--<namespace>--<name>`` names the repo it holds.
+_CACHE_REPO_PATTERN = re.compile(r"models--([A-Za-z0-9][\w.-]*?)--([A-Za-z0-9][\w.-]*)")
+
+
+@dataclass
+class BaseModelInfo:
+    """What an export's weights are, as far as their configs tell: see :func:`detect_base_model`."""
+
+    sd_v1: bool
+    base_model: str | None
+    evidence: str | None
+
+
+def _config_dicts(pipe_or_path: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, config)`` of a pipeline and each of its components, from a saved folder or a pipeline object."""
+    if isinstance(pipe_or_path, (str, os.PathLike)):
+        root = Path(pipe_or_path)
+        for path in [root / "model_index.json", *sorted(root.glob("*/config.json"))]:
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(data, dict):
+                    yield path.relative_to(root).as_posix(), data
+        return
+    config = getattr(pipe_or_path, "config", None)
+    if isinstance(config, dict):
+        yield "model_index.json", dict(config)
+    for name, component in (getattr(pipe_or_path, "components", None) or {}).items():
+        config = getattr(component, "config", None)
+        if isinstance(config, dict):
+            yield f"{name}/config.json", dict(config)
+        elif hasattr(config, "to_dict"):  # a transformers config
+            yield f"{name}/config.json", config.to_dict()
+        name_or_path = getattr(component, "name_or_path", None)  # transformers models and tokenizers
+        if isinstance(name_or_path, str):
+            yield name, {"name_or_path": name_or_path}
+
+
+def _sd_v1_repo(value: Any) -> str | None:
+    """The Stable Diffusion v1 repo id that a ``_name_or_path`` names, directly or as a Hub cache folder."""
+    if not isinstance(value, str):
+        return None
+    cached = _CACHE_REPO_PATTERN.search(value)
+    candidate = f"{cached.group(1)}/{cached.group(2)}" if cached else value
+    match = SD_V1_REPO_PATTERN.search(candidate)
+    return match.group(0) if match else None
+
+
+def detect_base_model(pipe_or_path: Any) -> BaseModelInfo:
+    """Whether a pipeline's weights are Stable Diffusion v1's, and which Hub repo they come from if its configs say.
+
+    The names recorded by ``from_pretrained`` (``_name_or_path`` of the pipeline and of each component, also as a Hub
+    cache folder ``models--CompVis--stable-diffusion-v1-4``) give the repo; a UNet of Stable Diffusion v1's shape
+    (``cross_attention_dim`` 768, ``block_out_channels`` (320, 640, 1280, 1280)) identifies SD v1 weights without one,
+    such as a fine-tune saved locally.
+
+    Args:
+        pipe_or_path: a pipeline object or a saved pipeline folder.
+
+    Returns:
+        A :class:`BaseModelInfo`: ``sd_v1``, the repo id as ``base_model`` (or ``None``) and what showed it.
+    """
+    repo, evidence, unet_shape = None, None, False
+    for where, config in _config_dicts(pipe_or_path):
+        for key in NAME_OR_PATH_KEYS:
+            found = _sd_v1_repo(config.get(key))
+            if found and repo is None:
+                repo, evidence = found, f"{where}: `{key}` names {found}"
+        if where.startswith("unet/") and all(
+            list(config.get(key) or []) == value if isinstance(value, list) else config.get(key) == value
+            for key, value in SD_V1_UNET_SHAPE.items()
+        ):
+            unet_shape = True
+            evidence = evidence or f"{where}: a Stable Diffusion v1 UNet ({SD_V1_UNET_SHAPE})"
+    return BaseModelInfo(sd_v1=repo is not None or unet_shape, base_model=repo, evidence=evidence)
+
+
+def _check_license(license: Any) -> str | None:
+    if license is not None and (not isinstance(license, str) or not _LICENSE_PATTERN.match(license)):
+        raise ValueError(
+            "Expected argument `license` to be a Hub licence identifier such as 'apache-2.0' or "
+            f"'{SD_V1_LICENSE}' (lower-case letters, digits, '.', '-', '+') but got {license!r}."
+        )
+    return license
+
+
+def _check_base_model(base_model: Any) -> str | None:
+    if base_model is not None and (
+        not isinstance(base_model, str) or not _REPO_ID_PATTERN.match(base_model) or ".." in base_model
+    ):
+        raise ValueError(
+            "Expected argument `base_model` to be the Hub id of the model the weights come from, like "
+            f"'CompVis/stable-diffusion-v1-4', but got {base_model!r}."
+        )
+    return base_model
+
+
+def card_metadata(pipe_or_path: Any, license: str | None = None, base_model: str | None = None) -> dict[str, str]:
+    """The ``license`` and ``base_model`` of the card of an export of ``pipe_or_path``.
+
+    Given values win; otherwise Stable Diffusion v1 weights (:func:`detect_base_model`) get ``creativeml-openrail-m``
+    and the repo they come from, and all other weights the project's licence, ``apache-2.0``, and no base model. A
+    given licence other than OpenRAIL-M for SD v1 weights, or SD v1 weights without a known base model, is logged as
+    a warning.
+
+    Returns:
+        ``{"license": ..., "base_model": ...}``, without ``base_model`` when there is none.
+    """
+    _check_license(license)
+    _check_base_model(base_model)
+    detected = detect_base_model(pipe_or_path)
+    if detected.sd_v1 and license is not None and license != SD_V1_LICENSE:
+        logger.warning(
+            "These look like Stable Diffusion v1 weights (%s), which are licensed %s, but the card will say %s.",
+            detected.evidence,
+            SD_V1_LICENSE,
+            license,
+        )
+    metadata = {"license": license or (SD_V1_LICENSE if detected.sd_v1 else DEFAULT_LICENSE)}
+    base_model = base_model or detected.base_model
+    if base_model is not None:
+        metadata["base_model"] = base_model
+    elif detected.sd_v1:
+        logger.warning(
+            "These look like Stable Diffusion v1 weights (%s) but no config names the repo they come from; pass "
+            "`base_model` (`--base-model`), e.g. 'CompVis/stable-diffusion-v1-4', so the card says which.",
+            detected.evidence,
+        )
+    return metadata
+
+
+def set_card_metadata(card: str, metadata: dict[str, str]) -> str:
+    """Set top-level keys of a model card's YAML header (between the first two ``---`` lines), adding one if none."""
+    if not metadata:
+        return card
+    for key, value in metadata.items():
+        if not re.fullmatch(r"[a-z_]+", key) or not isinstance(value, str) or not re.fullmatch(r"[\w.+/-]+", value):
+            raise ValueError(f"Expected card metadata as plain `key: value` words but got {key!r}: {value!r}.")
+    if not card.startswith("---\n") or "\n---\n" not in card[3:]:
+        card = "---\n---\n" + card
+    end = card.index("\n---\n", 3)
+    lines = card[4:end].split("\n") if end > 4 else []
+    for key, value in metadata.items():
+        line = f"{key}: {value}"
+        index = next((i for i, old in enumerate(lines) if re.match(rf"{key}\s*:", old)), None)
+        if index is None:
+            lines.append(line)
+        else:
+            lines[index] = line
+            # a list value written as indented "- item" lines below the key is replaced too
+            while index + 1 < len(lines) and re.match(r"\s+-\s|-\s", lines[index + 1]):
+                del lines[index + 1]
+    return "---\n" + "\n".join(lines) + card[end:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -466,6 +678,8 @@ def export_folder(
     repo_id: str | None = None,
     world_info: dict[str, Any] | str | os.PathLike[str] | None = None,
     results: Any = None,
+    license: str | None = None,
+    base_model: str | None = None,
     **save_kwargs: Any,
 ) -> Path:
     """Write a Hub-ready folder: weights, the pipeline file as ``pipeline.py`` and ``kldb_boundary.py``, the card.
@@ -487,6 +701,11 @@ def export_folder(
             the ``world_info.json`` of a source folder, if it has one.
         results: measured results for the card: a ``kldb.demo`` report (dict or ``report.json``) or a markdown file
             included as it is, or a list of these; by default the ``RESULTS.md`` of a source folder, if it has one.
+        license: the Hub licence identifier in the card's YAML header. By default ``creativeml-openrail-m`` for
+            Stable Diffusion v1 weights (recognised by :func:`detect_base_model`) and ``apache-2.0`` (the project's
+            own weights, such as the digits world) for all others.
+        base_model: the Hub id of the model the weights come from, in the card's YAML header; by default the Stable
+            Diffusion v1 repo that the configs name, if any.
         save_kwargs: passed to ``save_pretrained`` for a pipeline (``safe_serialization`` is always on).
 
     Returns:
@@ -515,6 +734,18 @@ def export_folder(
         raise TypeError(f"Expected argument `model_card` to be a bool or a path but got {type(model_card).__name__}.")
     if repo_id is not None:
         _check_repo_id(repo_id)
+    if model_card is False:
+        card_only = {"repo_id": repo_id, "world_info": world_info, "results": results, "license": license,
+                     "base_model": base_model}  # fmt: skip
+        given = [name for name, value in card_only.items() if value is not None]
+        if given:
+            they = "they go" if len(given) > 1 else "it goes"
+            raise ValueError(
+                f"Expected no {', '.join(f'`{name}`' for name in given)} with `model_card=False`: {they} only into "
+                "the model card, which is not written."
+            )
+    weights = source if source is not None else pipe_or_path
+    metadata = card_metadata(weights, license=license, base_model=base_model) if model_card is not False else {}
 
     card_template: str | None = None
     if model_card is not False:
@@ -541,7 +772,7 @@ def export_folder(
             pipe_or_path.save_pretrained(staging, **save_kwargs)
         _write_pipeline_files(staging)
         if card_template is not None:
-            card = render_model_card(card_template, repo_id=repo_id, world_info=info, results=result_texts)
+            card = render_model_card(card_template, repo_id=repo_id, world_info=info, results=result_texts, **metadata)
             (staging / "README.md").write_text(card, encoding="utf-8")
         removed = strip_local_paths(staging)
         if removed:
@@ -574,6 +805,47 @@ def _check_repo_id(repo_id: Any) -> str:
             f"but got {repo_id!r}."
         )
     return repo_id
+
+
+def _card_license(card: str) -> str | None:
+    """The ``license`` of a model card's YAML header, if it has one."""
+    if not card.startswith("---\n") or "\n---\n" not in card[3:]:
+        return None
+    match = re.search(r"^license:[ \t]*(\S+)[ \t]*$", card[: card.index("\n---\n", 3)], flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def _update_card_metadata(root: Path, license: str | None, base_model: str | None, dry_run: bool) -> None:
+    """Set the given ``license`` / ``base_model`` in ``root/README.md``; warn when SD v1 weights lack their licence."""
+    _check_license(license)
+    _check_base_model(base_model)
+    readme = root / "README.md"
+    metadata = {key: value for key, value in (("license", license), ("base_model", base_model)) if value is not None}
+    if metadata and not readme.is_file():
+        raise ValueError(
+            f"Expected argument `folder` to hold a README.md model card to set {' and '.join(metadata)} in, but "
+            f"{str(root)!r} has none."
+        )
+    if metadata:
+        if dry_run:
+            logger.info("Dry run: would set %s in README.md.", metadata)
+        else:
+            atomic_write_text(readme, set_card_metadata(readme.read_text(encoding="utf-8"), metadata))
+            logger.info("Set %s in README.md.", metadata)
+    if not readme.is_file():
+        return
+    stated = metadata.get("license") or _card_license(readme.read_text(encoding="utf-8"))
+    detected = detect_base_model(root)
+    if detected.sd_v1 and stated != SD_V1_LICENSE:
+        logger.warning(
+            "README.md gives the licence %s, but these look like Stable Diffusion v1 weights (%s), which are licensed "
+            "%s: pass `license=%r` (`--license %s`).",
+            stated,
+            detected.evidence,
+            SD_V1_LICENSE,
+            SD_V1_LICENSE,
+            SD_V1_LICENSE,
+        )
 
 
 def list_files(folder: str | os.PathLike[str]) -> list[tuple[str, int]]:
@@ -617,6 +889,8 @@ def publish(
     dry_run: bool = False,
     api: Any = None,
     commit_message: str = "Upload KLDB boundary pipeline (kldb-boundary)",
+    license: str | None = None,
+    base_model: str | None = None,
 ) -> PublishResult:
     """Upload an exported folder to the Hub with ``HfApi.create_repo`` and ``HfApi.upload_folder``.
 
@@ -634,6 +908,10 @@ def publish(
         api: an object with ``create_repo``, ``upload_folder`` and ``create_branch`` like
             :class:`huggingface_hub.HfApi` (default: ``HfApi(token=token)``).
         commit_message: the commit message of the upload.
+        license: set the card's (``README.md``) licence to this Hub licence identifier before the upload (not with
+            ``dry_run``, which only reports it). Without it, a card that does not say ``creativeml-openrail-m`` for
+            Stable Diffusion v1 weights is warned about.
+        base_model: set the card's ``base_model`` (a Hub model id) before the upload, as ``license``.
 
     Returns:
         A :class:`PublishResult` with the file listing (and, after an upload, the commit info and repo URL).
@@ -641,7 +919,8 @@ def publish(
     _check_repo_id(repo_id)
     root = Path(folder) if isinstance(folder, (str, os.PathLike)) else None
     if root is None or not root.is_dir():
-        raise ValueError(f"Expected argument `folder` to be an existing folder but got {folder!r}.")
+        shown = str(folder) if root is not None else folder
+        raise ValueError(f"Expected argument `folder` to be an existing folder but got {shown!r}.")
     if not (root / "pipeline.py").is_file():
         raise ValueError(
             f"Expected argument `folder` to be a folder written by `export_folder` (with a pipeline.py) but "
@@ -649,7 +928,10 @@ def publish(
         )
     if revision is not None and (not isinstance(revision, str) or not revision.strip() or " " in revision):
         raise ValueError(f"Expected argument `revision` to be a branch name without spaces but got {revision!r}.")
+    _check_license(license)
+    _check_base_model(base_model)
     check_folder_is_safe(root, token=token)
+    _update_card_metadata(root, license=license, base_model=base_model, dry_run=dry_run)
     if not (root / "README.md").is_file():
         logger.warning("%s has no README.md: the Hub repo will have no model card.", root)
     result = PublishResult(
