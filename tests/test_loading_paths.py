@@ -110,7 +110,7 @@ def images(pipe) -> torch.Tensor:
 
 
 def load_all(calls: dict, source, reference: torch.Tensor) -> dict[str, str]:
-    """Run every call on ``source``; the problems found, by call (the same images as ``reference``, the right class)."""
+    """Run every call on ``source``; what went wrong, by call (it must return the right class and ``reference``)."""
     problems = {}
     for name, call in calls.items():
         try:
