@@ -37,6 +37,8 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
+
 from diffusers import (
     AutoencoderKL,
     ConfigMixin,
@@ -49,7 +51,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
+
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -133,7 +135,9 @@ def checked_logits(logits: Any, batch: int, name: str = "classifier") -> torch.T
     """
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"Expected the `{name}` to return floating-point logits of shape [B, n] but it returned {got}.")
+        raise ValueError(
+            f"Expected the `{name}` to return floating-point logits of shape [B, n] but it returned {got}."
+        )
     if logits.shape[0] != batch:
         raise ValueError(
             f"Expected the `{name}` to return logits for each of the {batch} images it was given but it returned "
@@ -307,7 +311,7 @@ def _torchvision_builder_of_weights(weights: Any) -> str | None:
 
 
 class ImageClassifier(ModelMixin, ConfigMixin):
-    """Adapter giving any image classifier the contract KLDB guidance needs; a diffusers component that saves and loads.
+    """Adapter giving any image classifier the contract KLDB guidance needs; a pipeline component that saves and loads.
 
     ``forward`` maps images ``(B, 3, H, W)`` with values in ``[0, 1]`` to logits ``(B, n)`` in float32, applying the
     model's own preprocessing (resize, center crop, normalisation) in torch so that gradients reach the images. The
@@ -316,10 +320,10 @@ class ImageClassifier(ModelMixin, ConfigMixin):
 
     It saves like any diffusers model (``save_pretrained``: ``config.json`` with the preprocessing, the labels and how
     to rebuild the network, safetensors weights, and this file, so that a Hub download rebuilds it with
-    ``trust_remote_code=True``) and loads with ``ImageClassifier.from_pretrained``; in a pipeline it is saved and loaded
-    with the other components. The network is rebuilt from ``architecture``: torchvision classifiers by their builder
-    name, transformers classifiers from their config. A module that cannot be rebuilt from a config is refused at save
-    time.
+    ``trust_remote_code=True``) and loads with ``ImageClassifier.from_pretrained``; in a pipeline it is saved and
+    loaded with the other components. The network is rebuilt from ``architecture``: torchvision classifiers by their
+    builder name, transformers classifiers from their config. A module that cannot be rebuilt from a config is refused
+    at save time.
 
     Args:
         model: a ``torch.nn.Module`` or callable returning logits, a tuple whose first item is the logits, or an
@@ -602,8 +606,8 @@ class ImageClassifier(ModelMixin, ConfigMixin):
                     if _same_torchvision_network(model, name, kwargs):
                         return {"library": "torchvision", "name": name, "kwargs": kwargs}
         raise ValueError(
-            f"The classifier's network ({type(model).__name__}) cannot be rebuilt from a config, so it cannot be saved. "
-            "Wrap a torchvision model with `ImageClassifier.from_torchvision(model, weights)` or pass "
+            f"The classifier's network ({type(model).__name__}) cannot be rebuilt from a config, so it cannot be "
+            "saved. Wrap a torchvision model with `ImageClassifier.from_torchvision(model, weights)` or pass "
             "`ImageClassifier(model, architecture='<torchvision builder name>', ...)`; give a transformers model as "
             "it is or through `ImageClassifier.from_transformers`. Otherwise save the pipeline without it "
             "(`pipe.register_modules(classifier=None)` before `save_pretrained`) and pass it again with "
@@ -623,8 +627,8 @@ class ImageClassifier(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "ImageClassifier":
-        """As :meth:`ModelMixin.from_pretrained`: the network is rebuilt from ``architecture``, then its weights are read
-        from safetensors (only, unless ``use_safetensors=False`` is passed), also when a pipeline loads it."""
+        """As :meth:`ModelMixin.from_pretrained`: the network is rebuilt from ``architecture``, then its weights are
+        read from safetensors (only, unless ``use_safetensors=False`` is passed), also when a pipeline loads it."""
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -897,6 +901,21 @@ class _CallState:
     started_by_hook: bool = False
 
 
+# Design notes: how the guidance sees the sampling loop.
+# - The correction needs, at a guided step, the latent the step started from, the conditional rows' inputs and (in
+#   "unet" mode) the graph of their noise prediction. diffusers' public interfaces give the step-end callback only the
+#   tensors named in `_callback_tensor_inputs`, none of which is the noise prediction. Reading more through that list
+#   (`noise_pred`, `noise_pred_text`) would depend on `__call__`'s local variable names, which change between releases.
+# - So the UNet call itself is observed with a diffusers model hook (`diffusers.hooks.ModelHook.new_forward` in the
+#   UNet's `HookRegistry`): the mechanism diffusers uses for its own offloading, layerwise casting and caches, which
+#   composes with them and with accelerate's hooks. It is registered once when the pipeline is built, so offloading
+#   enabled later wraps it and keeps it when diffusers re-installs its offload hooks after each call; it passes calls
+#   through unchanged while no guidance is attached.
+# - The conditional rows are told apart from the unconditional ones by content (the half equal to the step's
+#   `negative_prompt_embeds`), not by assuming diffusers' (uncond, cond) batch order.
+# - The step's input latent is the last step end's latents when the UNet input is exactly those scaled (else the UNet
+#   input scaled back): the gradient is taken where the step really started, also when a user's callback changed it.
+# - All of it is per call: nothing carries over from one call to the next.
 class KLDBUNetHook(ModelHook):
     """A diffusers model hook on the UNet that lets a :class:`KLDBGuidanceCallback` see the sampling loop's UNet calls.
 
@@ -1124,9 +1143,13 @@ class KLDBGuidanceCallback(PipelineCallback):
             eps = forward(cond_input, timestep, **_select_rows(call, rows, total))[0]
         parts = [eps.detach()]
         if rows.start > 0:  # the unconditional rows come first
-            parts.insert(0, forward(sample[: rows.start], timestep, **_select_rows(call, slice(0, rows.start), total))[0])
+            parts.insert(
+                0, forward(sample[: rows.start], timestep, **_select_rows(call, slice(0, rows.start), total))[0]
+            )
         elif rows.stop < total:
-            parts.append(forward(sample[rows.stop :], timestep, **_select_rows(call, slice(rows.stop, total), total))[0])
+            parts.append(
+                forward(sample[rows.stop :], timestep, **_select_rows(call, slice(rows.stop, total), total))[0]
+            )
         prediction = torch.cat(parts) if len(parts) > 1 else parts[0]
         state.record = _UNetCall(
             step_index, sample, timestep, call, forward, prediction, rows, (cond_input, eps), latents
@@ -1373,11 +1396,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         )
 
     # diffusers tells a component from a config value by the parameter's default: without one it is a component (as
-    # StableDiffusionPipeline declares `safety_checker`); with one, only if the class lists it in `_optional_components`.
-    # But `DiffusionPipeline.from_pretrained`, when it loads this class from its file, reads that list from
-    # `DiffusionPipeline` (where it is empty): a component passed there by keyword would count as a config value, and the
-    # one saved in the folder would replace it. The signature diffusers reads therefore declares the optional
-    # components without a default. Python calls may still leave them out: they default to None.
+    # StableDiffusionPipeline declares `safety_checker`); with one, only if the class lists it in
+    # `_optional_components`. But `DiffusionPipeline.from_pretrained`, when it loads this class from its file, reads
+    # that list from `DiffusionPipeline` (where it is empty): a component passed there by keyword would count as a
+    # config value, and the one saved in the folder would replace it. The signature diffusers reads therefore declares
+    # the optional components without a default. Python calls may still leave them out: they default to None.
     __init__.__signature__ = _signature_with_required_components(__init__, _optional_components)
 
     @staticmethod
@@ -1394,8 +1417,8 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "KLDBBoundaryPipeline":
         """As :meth:`DiffusionPipeline.from_pretrained`, returning this class with no code run from the folder or repo.
 
-        - ``classifier`` (any kind :func:`as_image_classifier` takes, or ``None``) replaces the saved one, whatever kind
-          that is. A saved :class:`ImageClassifier` is loaded with this file's class: no ``trust_remote_code``.
+        - ``classifier`` (any kind :func:`as_image_classifier` takes, or ``None``) replaces the saved one, whatever
+          kind that is. A saved :class:`ImageClassifier` is loaded with this file's class: no ``trust_remote_code``.
         - Weights are read from safetensors only (``use_safetensors=True`` unless you pass otherwise): no pickle is
           unpickled.
         - A repo id is downloaded as :meth:`download` does.
@@ -1409,8 +1432,12 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
             if isinstance(dtype, dict):
                 dtype = dtype.get("classifier", dtype.get("default"))
+            options = {key: kwargs[key] for key in ("disable_mmap", "low_cpu_mem_usage", "variant") if key in kwargs}
             classifier = ImageClassifier.from_pretrained(
-                os.path.join(folder, "classifier"), torch_dtype=dtype, use_safetensors=kwargs["use_safetensors"]
+                os.path.join(folder, "classifier"),
+                torch_dtype=dtype,
+                use_safetensors=kwargs["use_safetensors"],
+                **options,
             )
             own_classifier = True
         if own_classifier:
@@ -1459,7 +1486,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
 
     @classmethod
     def load_config(cls, *args: Any, **kwargs: Any) -> Any:
-        """As :meth:`ConfigMixin.load_config`; a ``_class_name`` of ``[file stem, this class's name]`` reads as this class.
+        """As :meth:`ConfigMixin.load_config`; a ``_class_name`` ``[file stem, this class's name]`` reads as this class.
 
         Saved folders name the pipeline by its file (see :meth:`save_pretrained`), so that
         ``DiffusionPipeline.from_pretrained`` loads the class from there. Loading through this class already has the
@@ -1531,17 +1558,18 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             classifier.architecture_config()  # raises, saying what to do, when it cannot be saved
         elif classifier is not None and not _is_transformers_classifier(classifier):
             raise TypeError(
-                f"Expected the pipeline's `classifier` to be an ImageClassifier or a transformers model to save it but "
-                f"got {type(classifier).__name__}; set it with `pipe.register_modules(classifier=as_image_classifier(c))`"
-                " or leave it out with `pipe.register_modules(classifier=None)`."
+                "Expected the pipeline's `classifier` to be an ImageClassifier or a transformers model to save it "
+                f"but got {type(classifier).__name__}; set it with "
+                "`pipe.register_modules(classifier=as_image_classifier(c))` or leave it out with "
+                "`pipe.register_modules(classifier=None)`."
             )
         os.makedirs(save_directory, exist_ok=True)
         Path(save_directory, f"{PIPELINE_FILE_STEM}.py").write_text(_source_of(type(self)), encoding="utf-8")
         super().save_pretrained(save_directory, *args, **kwargs)
 
     def to_json_string(self) -> str:
-        """The config as ``model_index.json`` holds it: the pipeline named by its file, ``["kldb_boundary", class]``, and
-        an :class:`ImageClassifier` by the copy of this file in its folder, ``["pipeline_kldb_boundary",
+        """The config as ``model_index.json`` holds it: the pipeline named by its file, ``["kldb_boundary", class]``,
+        and an :class:`ImageClassifier` by the copy of this file in its folder, ``["pipeline_kldb_boundary",
         "ImageClassifier"]`` (diffusers' convention for custom components)."""
         config = json.loads(super().to_json_string())
         config["_class_name"] = [PIPELINE_FILE_STEM, type(self).__name__]
@@ -1595,9 +1623,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             or not isinstance(num_images_per_prompt, int)
             or num_images_per_prompt < 1
         ):
-            raise ValueError(
-                f"`num_images_per_prompt` has to be a positive integer but is {num_images_per_prompt!r}."
-            )
+            raise ValueError(f"`num_images_per_prompt` has to be a positive integer but is {num_images_per_prompt!r}.")
         if isinstance(prompt, list) and (not prompt or not all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"`prompt` has to be a string or a non-empty list of strings but is {prompt!r}.")
         steps = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps

@@ -129,7 +129,7 @@ def test_training_script_runs_end_to_end_tiny(tmp_path: Path):
     info = build_world(tmp_path / "world", seed=0, config=WorldConfig.tiny(), guidance_decoder=GuidanceDecoderConfig.tiny())
     folder = tmp_path / "world"
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "KLDBBoundaryPipeline"
+    assert index["_class_name"] == ["kldb_boundary", "KLDBBoundaryPipeline"]
     assert index["classifier"] == ["transformers", "ResNetForImageClassification"]
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
     written = json.loads((folder / "world_info.json").read_text())

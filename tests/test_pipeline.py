@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -237,17 +235,6 @@ def test_classifier_at_from_pretrained_and_per_call(tiny_pipe, tmp_path):
         generator=gen(0), kldb_guidance_interval=2,
     )  # fmt: skip
     assert per_call.probabilities.shape == (1, 2)
-
-
-def test_non_transformers_classifier_is_not_saved(tmp_path, caplog):
-    components = tiny_components(seed=0, with_classifier=False)
-    pipe = KLDBBoundaryPipeline(**components, classifier=MeanBrightnessClassifier())
-    with caplog.at_level(logging.WARNING):
-        pipe.save_pretrained(tmp_path)
-    assert "is not a transformers model and is not saved" in caplog.text
-    assert pipe.classifier.model.__class__ is MeanBrightnessClassifier  # restored after saving
-    loaded = KLDBBoundaryPipeline.from_pretrained(tmp_path)
-    assert loaded.classifier is None
 
 
 def test_a_non_lms_scheduler_is_kept_and_samples_as_stable_diffusion_without_guidance():

@@ -507,20 +507,6 @@ def train_unet(
 # Saving
 
 
-def write_model_index(out: Path, components: dict[str, object]) -> None:
-    """Write the ``model_index.json`` that `KLDBBoundaryPipeline.save_pretrained` writes for these components."""
-    import diffusers
-
-    index: dict[str, object] = {"_class_name": "KLDBBoundaryPipeline", "_diffusers_version": diffusers.__version__}
-    for name, component in components.items():
-        library = "diffusers" if type(component).__module__.startswith("diffusers") else "transformers"
-        index[name] = [library, type(component).__name__]
-    for name in ("safety_checker", "feature_extractor", "image_encoder"):
-        index[name] = [None, None]
-    index["requires_safety_checker"] = False
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def save_world(
     out: Path,
     vae: AutoencoderKL,
@@ -541,12 +527,8 @@ def save_world(
             component.save_pretrained(out / name, safe_serialization=True)
         else:
             component.save_pretrained(out / name)
-    try:
-        from pipeline_kldb_boundary import KLDBBoundaryPipeline
-    except ImportError:
-        logger.warning("`pipeline_kldb_boundary` is not importable; writing model_index.json by hand.")
-        write_model_index(out, components)
-        return
+    from pipeline_kldb_boundary import KLDBBoundaryPipeline  # installed with the package: always importable
+
     pipeline = KLDBBoundaryPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
