@@ -277,20 +277,3 @@ def test_set_lms_scheduler_with_karras_sigmas(tiny_pipe):
     finally:
         tiny_pipe.set_lms_scheduler(timestep_spacing="linspace", use_karras_sigmas=False)
 
-
-def test_callback_alone_guides_a_plain_stable_diffusion_pipeline():
-    """KLDBGuidanceCallback is self-contained: on StableDiffusionPipeline it gives the KLDB pipeline's images."""
-    from kldb import KLDBGuidanceCallback, as_image_classifier
-
-    components = tiny_components(seed=0)
-    ours = KLDBBoundaryPipeline(**components)
-    sd = StableDiffusionPipeline(**{k: v for k, v in components.items() if not k.startswith("classifier")})
-    for pipe in (sd, ours):
-        pipe.set_progress_bar_config(disable=True)
-    classifier = as_image_classifier(components["classifier"], components["classifier_processor"])
-    callback = KLDBGuidanceCallback(classifier, [3, 2], guidance_scale=0.2, interval=2, gradient="unet")
-    common = {"prompt": "three and two", "num_inference_steps": STEPS, "output_type": "pt", "guidance_scale": 5.0}
-    plain = sd(**common, generator=gen(4), callback_on_step_end=callback).images
-    guided = ours(**common, generator=gen(4), classes=[3, 2], kldb_guidance_scale=0.2, kldb_guidance_interval=2)
-    assert callback.guided_updates == 3 and callback.skipped_updates == 0
-    torch.testing.assert_close(plain, guided.images, rtol=0, atol=1e-6)
