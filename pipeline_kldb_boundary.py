@@ -56,6 +56,8 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 GRADIENT_MODES = ("unet", "detached")
+#: How the size of each guided step is chosen (``kldb_step_control``): the paper's fixed ``alpha`` or a control.
+STEP_CONTROLS = ("fixed", "backtracking", "kldb_scaled", "trust_region")
 #: Which autoencoder's decoder the guidance backpropagates through (``kldb_guidance_decoder``).
 GUIDANCE_DECODERS = ("auto", "vae", "guidance_vae")
 AUTOCAST_DTYPES = (None, torch.float16, torch.bfloat16)
@@ -851,6 +853,17 @@ def latents_are_usable(latents: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.isfinite(flat).all(dim=1) & (rms <= MAX_LATENT_STDS * (sigma**2 + 1) ** 0.5)
 
 
+def check_step_control(step_control: Any, max_halvings: Any, trust_radius: Any, step_temperature: Any) -> None:
+    """Check the step-size control arguments (``kldb_step_control`` and its parameters), one clear error each."""
+    if step_control not in STEP_CONTROLS:
+        raise ValueError(f"`kldb_step_control` has to be one of {STEP_CONTROLS} but is {step_control!r}.")
+    if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or max_halvings < 0:
+        raise ValueError(f"`kldb_max_halvings` has to be a non-negative integer but is {max_halvings!r}.")
+    for name, value in (("kldb_trust_radius", trust_radius), ("kldb_step_temperature", step_temperature)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"`{name}` has to be a positive finite number but is {value!r}.")
+
+
 def _select_rows(value: Any, rows: slice, total: int) -> Any:
     """``value`` restricted to the batch rows ``rows`` wherever it is batched (a leading dimension of ``total``)."""
     if torch.is_tensor(value):
@@ -898,6 +911,10 @@ class _CallState:
     negative_prompt_embeds: torch.Tensor | None = None  # seen at the last step end
     latents: torch.Tensor | None = None  # returned at the last step end
     record: _UNetCall | None = None  # the UNet call of the current guided step
+    # per sample: guided steps taken (at some step size), step halvings, steps rejected by the step control
+    accepted: torch.Tensor | None = None
+    halvings: torch.Tensor | None = None
+    rejected: torch.Tensor | None = None
     started_by_hook: bool = False
 
 
@@ -1003,8 +1020,13 @@ class KLDBGuidanceCallback(PipelineCallback):
         gradient: str = "unet",
         autocast_dtype: torch.dtype | None = None,
         decoder: torch.nn.Module | None = None,
+        step_control: str = "fixed",
+        max_halvings: int = 3,
+        trust_radius: float = 0.1,
+        step_temperature: float = 0.5,
     ):
         super().__init__(cutoff_step_ratio=1.0)
+        check_step_control(step_control, max_halvings, trust_radius, step_temperature)
         if not callable(classifier):
             raise TypeError(
                 f"Expected argument `classifier` to be a callable mapping images to logits but got "
@@ -1044,6 +1066,10 @@ class KLDBGuidanceCallback(PipelineCallback):
         self.gradient = gradient
         self.autocast_dtype = autocast_dtype
         self.decoder = decoder
+        self.step_control = step_control
+        self.max_halvings = max_halvings
+        self.trust_radius = float(trust_radius)
+        self.step_temperature = float(step_temperature)
         self._state = _CallState()
         self._pipeline: Any = None  # the pipeline whose UNet the hook is attached to
         self._auto_attached = False
@@ -1060,6 +1086,16 @@ class KLDBGuidanceCallback(PipelineCallback):
         """Per-sample updates skipped in the current (or last) call: zero or non-finite gradient, or an updated
         latent that would not stay finite (see :func:`latents_are_usable`)."""
         return self._state.skipped_updates
+
+    @property
+    def step_counts(self) -> dict[str, torch.Tensor] | None:
+        """Per sample, in the current (or last) call: ``"accepted"`` guided steps taken (at ``alpha`` or a smaller
+        size), ``"halvings"`` of the step size, ``"rejected"`` guided steps the step control refused (no update);
+        ``None`` before the first guided step."""
+        state = self._state
+        if state.accepted is None:
+            return None
+        return {"accepted": state.accepted, "halvings": state.halvings, "rejected": state.rejected}
 
     @property
     def shared_forwards(self) -> int:
@@ -1194,10 +1230,13 @@ class KLDBGuidanceCallback(PipelineCallback):
 
     def correction(
         self, pipeline: Any, step_index: int, record: _UNetCall, rows: slice, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(-alpha * g*, ok)`` for the latent that step ``step_index`` (0-based) started from, in ``dtype``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(-alpha * g*, ok, rejected)`` for the latent that step ``step_index`` (0-based) started from, in ``dtype``.
 
-        ``record`` is the step's UNet call and ``rows`` its conditional rows. In float16 (a float16 VAE, or
+        ``ok`` is False where the gradient is not usable, ``rejected`` True where the step control found no step size
+        (both ``[B]``; such samples get no update). ``alpha`` is per sample: the paper's fixed value, or chosen by
+        ``step_control``. ``record`` is the step's UNet call and ``rows`` its conditional rows. In float16 (a float16
+        VAE, or
         ``autocast_dtype=torch.float16``) the loss is scaled by 2^16 so that small gradients do not flush to zero;
         samples whose scaled gradient overflows are redone at 2^8, then 1.
         """
@@ -1227,27 +1266,81 @@ class KLDBGuidanceCallback(PipelineCallback):
                     eps = _noise_prediction(record.forward(scaled, record.timestep, **kwargs))
         g_star = torch.zeros_like(z, dtype=torch.float32)
         ok = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        kldb = torch.full((z.shape[0],), float("nan"), device=z.device)
         todo = torch.ones_like(ok)
         for loss_scale in (2.0**16, 2.0**8, 1.0) if half else (1.0,):
             idx = todo.nonzero().flatten()
             with autocast:
                 if eps is None:  # detached: the step's own conditional noise prediction, without its Jacobian
-                    grad, _ = kldb_guidance_gradient(
+                    grad, loss = kldb_guidance_gradient(
                         z[idx], sigma, self.classes, decode, classify, eps=record.prediction[rows][idx].to(dtype),
                         loss_scale=loss_scale,
                     )  # fmt: skip
                 else:  # x0 = c * s - sigma * eps(s) with s = z / c the scaled UNet input, and d/dz = (d/ds) / c
                     with torch.enable_grad():
                         x0 = (scaled.to(dtype) * c - sigma * eps.to(dtype))[idx]
-                    grad, _ = kldb_backward(x0, scaled, self.classes, decode, classify, loss_scale, retain_graph=half)
+                    grad, loss = kldb_backward(
+                        x0, scaled, self.classes, decode, classify, loss_scale, retain_graph=half
+                    )
                     grad = grad[idx].to(dtype) / c
             g, g_ok = normalize_guidance_gradient(grad.float(), z[idx].float())
-            g_star[idx], ok[idx] = g, g_ok
+            g_star[idx], ok[idx], kldb[idx] = g, g_ok, loss.float()
             # only an overflow (non-finite gradient) is worth another try at a smaller scale
             todo[idx] = ~torch.isfinite(grad.flatten(1)).all(dim=1)
             if not todo.any():
                 break
-        return -self.guidance_scale * g_star, ok
+        alpha = torch.full_like(kldb, self.guidance_scale)  # (B,) the step size of each sample
+        rejected = torch.zeros_like(ok)
+        if self.step_control == "kldb_scaled":
+            alpha = alpha * (kldb / self.step_temperature).clamp(max=1.0).nan_to_num(1.0)
+        elif self.step_control in ("backtracking", "trust_region"):
+            x0 = (z - sigma * record.prediction[rows].to(dtype)).detach()  # the step's predicted clean latent
+            with autocast:
+                alpha, accepted = self._searched_step_sizes(x0, g_star.to(dtype), kldb, ok, alpha, decode, classify)
+            rejected = ok & ~accepted
+        return -alpha.view(-1, *[1] * (z.ndim - 1)) * g_star, ok, rejected
+
+    @torch.no_grad()
+    def _searched_step_sizes(
+        self,
+        x0: torch.Tensor,
+        g_star: torch.Tensor,
+        kldb: torch.Tensor,
+        ok: torch.Tensor,
+        alpha: torch.Tensor,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        classify: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample step sizes by halving ``alpha`` up to ``max_halvings`` times, and which samples found one.
+
+        A try moves the predicted clean latent to ``x0 - alpha * g*``: the step's own noise prediction is reused
+        rather than predicted again at the moved latent (exact for ``"detached"``, first order in ``alpha`` for
+        ``"unet"``), so a try costs one decoder and classifier forward and no UNet call. ``"backtracking"`` accepts a
+        try whose KLDB is lower than at ``x0``; ``"trust_region"`` one whose class probabilities moved by at most
+        ``trust_radius`` in total variation. Halvings are counted in the call's state.
+        """
+        state = self._state
+        done = ~ok  # samples without a usable gradient are not tried (they are skipped and counted elsewhere)
+        accepted = torch.zeros_like(ok)
+        if self.step_control == "trust_region":
+            reference = torch.softmax(classify((decode(x0) / 2 + 0.5).clamp(0, 1)).float(), dim=-1)
+        for attempt in range(self.max_halvings + 1):
+            idx = (~done).nonzero().flatten()
+            if idx.numel() == 0:
+                break
+            moved = x0[idx] - alpha[idx].view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype) * g_star[idx]
+            logits = classify((decode(moved) / 2 + 0.5).clamp(0, 1)).float()
+            if self.step_control == "backtracking":
+                good = kldb_score(logits, self.classes) < kldb[idx]
+            else:
+                change = 0.5 * (torch.softmax(logits, dim=-1) - reference[idx]).abs().sum(dim=-1)
+                good = change <= self.trust_radius
+            accepted[idx[good]] = True
+            done[idx[good]] = True
+            if attempt < self.max_halvings:
+                alpha[idx[~good]] = alpha[idx[~good]] / 2
+                state.halvings[idx[~good]] += 1
+        return alpha, accepted
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
         if step_index == 0:
@@ -1276,12 +1369,19 @@ class KLDBGuidanceCallback(PipelineCallback):
                 )
                 state.skipped_updates += latents.shape[0]
             else:
-                delta, ok = self.correction(pipeline, step_index, record, rows, latents.dtype)
+                if state.accepted is None:
+                    state.accepted, state.halvings, state.rejected = (
+                        torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device) for _ in range(3)
+                    )
+                delta, ok, rejected = self.correction(pipeline, step_index, record, rows, latents.dtype)
                 updated = latents + delta.to(latents.dtype)
                 ok = ok & latents_are_usable(updated, float(pipeline.scheduler.sigmas[step_index + 1]))
-                callback_kwargs["latents"] = torch.where(ok.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
+                applied = ok & ~rejected
+                callback_kwargs["latents"] = torch.where(applied.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
                 state.skipped_updates += int((~ok).sum())
-                state.guided_updates += int(ok.sum())
+                state.guided_updates += int(applied.sum())
+                state.accepted += applied.long()
+                state.rejected += (ok & rejected).long()
         state.latents = callback_kwargs["latents"]
         if self._auto_attached and step_index + 1 >= getattr(pipeline, "num_timesteps", step_index + 1):
             self._detach()
@@ -1309,6 +1409,10 @@ class KLDBBoundaryPipelineOutput(BaseOutput):
         skipped_updates: per-sample guidance updates skipped: zero or non-finite gradient, or an updated latent
             that would not stay finite (see :func:`latents_are_usable`).
         guided_updates: per-sample guidance updates applied.
+        accepted_steps: ``[B]`` guided steps each image took (``None`` without guidance).
+        step_halvings: ``[B]`` step-size halvings of each image (``kldb_step_control`` "backtracking" or
+            "trust_region").
+        rejected_steps: ``[B]`` guided steps the step control refused for each image (no update there).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -1320,6 +1424,9 @@ class KLDBBoundaryPipelineOutput(BaseOutput):
     classes: list[int] | None = None
     skipped_updates: int = 0
     guided_updates: int = 0
+    accepted_steps: torch.Tensor | None = None
+    step_halvings: torch.Tensor | None = None
+    rejected_steps: torch.Tensor | None = None
 
 
 class KLDBBoundaryPipeline(StableDiffusionPipeline):
@@ -1778,6 +1885,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         kldb_gradient: str = "unet",
         kldb_autocast_dtype: torch.dtype | None = None,
         kldb_guidance_decoder: str = "auto",
+        kldb_step_control: str = "fixed",
+        kldb_max_halvings: int = 3,
+        kldb_trust_radius: float = 0.1,
+        kldb_step_temperature: float = 0.5,
         **kwargs: Any,
     ) -> KLDBBoundaryPipelineOutput | tuple:
         r"""Generate images pulled toward the decision boundary of ``classes``.
@@ -1818,13 +1929,27 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 Whose decoder the guidance gradient goes through: `"vae"` (the paper's), `"guidance_vae"` (the
                 pipeline's small `guidance_vae`, much cheaper), or `"auto"`: `guidance_vae` when the pipeline has
                 one, else `vae`. The returned images are always decoded by `vae`.
+            kldb_step_control (`str`, *optional*, defaults to `"fixed"`):
+                How each guided step's size is chosen, per image. `"fixed"`: the paper's, `alpha` every time.
+                `"backtracking"`: try `alpha` and accept the step if the KLDB of the step's predicted clean image goes
+                down, else halve it, up to `kldb_max_halvings` times, else no step. `"trust_region"`: the same
+                halving, accepting a step that changes the classifier's probabilities by at most `kldb_trust_radius`
+                (total variation). `"kldb_scaled"`: `alpha * min(1, KLDB / kldb_step_temperature)`, smaller steps
+                near the boundary. A try costs one decoder and classifier forward (the step's own noise prediction is
+                reused). The counts per image are in the output.
+            kldb_max_halvings (`int`, *optional*, defaults to 3):
+                For `"backtracking"` and `"trust_region"`.
+            kldb_trust_radius (`float`, *optional*, defaults to 0.1):
+                For `"trust_region"`.
+            kldb_step_temperature (`float`, *optional*, defaults to 0.5):
+                For `"kldb_scaled"`, in nats.
 
         Examples:
 
         Returns:
             [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple of the output's fields in
             order: `(images, nsfw_content_detected, kldb, entropy, probabilities, predicted_class, classes,
-            skipped_updates, guided_updates)`.
+            skipped_updates, guided_updates, accepted_steps, step_halvings, rejected_steps)`.
         """
         device = self._execution_device
         adapter = self._resolve_classifier(classifier, device)
@@ -1843,6 +1968,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             num_images_per_prompt,
             prompt,
         )
+        check_step_control(kldb_step_control, kldb_max_halvings, kldb_trust_radius, kldb_step_temperature)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
@@ -1876,6 +2002,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 gradient=kldb_gradient,
                 autocast_dtype=kldb_autocast_dtype,
                 decoder=self.guidance_decoder(kldb_guidance_decoder),
+                step_control=kldb_step_control,
+                max_halvings=kldb_max_halvings,
+                trust_radius=kldb_trust_radius,
+                step_temperature=kldb_step_temperature,
             )
         step_end, tensor_inputs = self._step_end_callback(
             guidance, callback_on_step_end, callback_on_step_end_tensor_inputs
@@ -1921,6 +2051,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             kldb = kldb_score(logits, class_indices) if class_indices is not None else None
         skipped = guidance.skipped_updates if guidance is not None else 0
         guided = guidance.guided_updates if guidance is not None else 0
+        counts = guidance.step_counts if guidance is not None else None
         if skipped:
             logger.warning(
                 f"KLDB guidance skipped {skipped} of {skipped + guided} per-sample updates (zero or non-finite "
@@ -1943,6 +2074,9 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             classes=class_indices,
             skipped_updates=skipped,
             guided_updates=guided,
+            accepted_steps=counts["accepted"] if counts is not None else None,
+            step_halvings=counts["halvings"] if counts is not None else None,
+            rejected_steps=counts["rejected"] if counts is not None else None,
         )
         # every field in order, also those that are None (BaseOutput.to_tuple would drop them and shift the rest)
         return output if return_dict else tuple(getattr(output, field.name) for field in fields(output))

@@ -127,8 +127,9 @@ def test_dict_and_tuple_outputs(tiny_pipe):
     out = tiny_pipe(generator=gen(0), **kwargs)
     assert isinstance(out, KLDBBoundaryPipelineOutput)
     tup = tiny_pipe(generator=gen(0), return_dict=False, **kwargs)
-    assert isinstance(tup, tuple) and len(tup) == 9  # every field of the output, in order, None included
-    images, nsfw, kldb, ent, probs, predicted, classes, skipped, guided = tup
+    assert isinstance(tup, tuple) and len(tup) == 12  # every field of the output, in order, None included
+    images, nsfw, kldb, ent, probs, predicted, classes, skipped, guided, accepted, halvings, rejected = tup
+    assert accepted.tolist() == [2] and halvings.tolist() == rejected.tolist() == [0]
     assert np.array_equal(images, out.images)
     assert nsfw is None and skipped == out.skipped_updates == 0 and guided == out.guided_updates == 2
     assert classes == out.classes
