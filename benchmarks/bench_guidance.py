@@ -45,6 +45,10 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.models import MODELS, BenchSetting, build_setting
+from kldb.io import atomic_write_json
+from kldb.loading import DTYPES, parse_dtype, resolve_dtype
+from kldb.metrics import summary_statistics
+from kldb.noise import initial_noise
 from pipeline_kldb_boundary import (
     GRADIENT_MODES,
     KLDBGuidanceCallback,
@@ -66,7 +70,6 @@ MODIFIERS = {
     "options without it pass kldb_guidance_decoder='vae'",
 }
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -258,14 +261,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def quantiles(values: Sequence[float]) -> dict[str, float | None]:
-    """Median and interquartile range (the paper's summary of per-image KLDB)."""
-    finite = sorted(v for v in values if math.isfinite(v))
+    """Median and quartiles of the finite ``values`` (the paper's summary of per-image KLDB, by
+    :func:`kldb.metrics.summary_statistics`), under this benchmark's JSON keys."""
+    finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return {"median": None, "q1": None, "q3": None, "n": 0}
-    if len(finite) == 1:
-        return {"median": finite[0], "q1": finite[0], "q3": finite[0], "n": 1}
-    q1, q2, q3 = statistics.quantiles(finite, n=4, method="inclusive")
-    return {"median": q2, "q1": q1, "q3": q3, "n": len(finite)}
+    stats = summary_statistics(finite)
+    return {"median": stats["median"], "q1": stats["q25"], "q3": stats["q75"], "n": stats["n"]}
 
 
 class OutOfTime(Exception):
@@ -426,14 +428,8 @@ class Bench:
                 pipe._interrupt = True  # diffusers' documented way to skip the remaining steps
             return {}
 
-        shape = (
-            batch,
-            self.pipe.unet.config.in_channels,
-            self.setting.height // self.pipe.vae_scale_factor,
-            self.setting.width // self.pipe.vae_scale_factor,
-        )
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.pipe.unet.dtype)
+        noise = initial_noise(self.pipe, batch, generator, self.setting.height, self.setting.width)
         kwargs = self.call_kwargs(None, batch, self.config.seed, self.config.steps)
         kwargs.update(latents=noise, output_type="latent", callback_on_step_end=callback)
         self.pipe(**kwargs)
@@ -657,7 +653,7 @@ def run_benchmark(config: Config, write: Callable[[dict[str, Any]], None] | None
     if default.name not in [o.name for o in options]:
         options.insert(0, default)
     build_start = time.perf_counter()
-    setting = build_setting(config.model, config.device, DTYPES[config.dtype], config.height, seed=config.seed)
+    setting = build_setting(config.model, config.device, parse_dtype(config.dtype), config.height, seed=config.seed)
     bench = Bench(setting, config)
     bench.log(f"built {config.model} in {time.perf_counter() - build_start:.1f} s: {setting.description}")
     result: dict[str, Any] = {
@@ -673,7 +669,7 @@ def run_benchmark(config: Config, write: Callable[[dict[str, Any]], None] | None
             "height": setting.height,
             "width": setting.width,
             "classes": setting.classes,
-            "prompt": " and ".join(setting.classes),
+            "prompt": class_prompt(bench.adapter.labels, bench.class_indices()),
             "guidance_scale": setting.guidance_scale,
             "kldb_guidance_scale": setting.kldb_guidance_scale,
             "timed_seed": config.seed,
@@ -966,22 +962,9 @@ def _kldb_cell(entry: dict[str, Any] | None) -> str:
     return f"{entry['median']:.3f} [{entry['q1']:.3f}, {entry['q3']:.3f}] (n={entry['n']})"
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/Infinity: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """The results as strict JSON (non-finite numbers as null), written atomically."""
+    atomic_write_json(path, result, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1097,7 +1080,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     config = Config(
         model=args.model,
         device=device,
-        dtype=args.dtype or ("float16" if kind == "cuda" else "float32"),
+        dtype=resolve_dtype(args.dtype or "auto", device),
         height=pick("height"),
         steps=pick("steps"),
         interval=pick("interval"),

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from kldb.presets import PRESETS
 from pipeline_kldb_boundary import ImageClassifier, KLDBBoundaryPipeline
 
 MODELS = ("digits", "sd", "tiny")
@@ -139,39 +140,24 @@ def sd14_shaped_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> K
 def build_setting(model: str, device: str, dtype: torch.dtype, height: int | None, seed: int = 0) -> BenchSetting:
     """The pipeline for ``model`` (one of :data:`MODELS`) on ``device`` in ``dtype``, with its call settings.
 
-    ``height`` (square images) overrides the model's own default resolution; ``None`` keeps it.
+    The classes, beta and alpha are a preset's (:data:`kldb.presets.PRESETS`): the digits preset's for the digits
+    world and the tiny components (classes "three" and "two" there: the tiny classifier has four labels), the paper's
+    for the SD-shaped pipeline. ``height`` (square images) overrides the model's own default resolution; ``None``
+    keeps it.
     """
     if model == "digits":
         from kldb.digits import load_pipeline
 
         pipe = load_pipeline(torch_dtype=dtype, device=device)
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        setting = BenchSetting(
-            model=model,
-            pipeline=pipe,
-            classes=["three", "eight"],
-            height=height or size,
-            width=height or size,
-            guidance_scale=6.0,
-            kldb_guidance_scale=0.1,
-            kldb_meaningful=True,
-            description="the shipped digits world (kldb.digits.load_pipeline()), classes three / eight",
-        )
+        preset, classes, kldb_meaningful = PRESETS["digits"], list(PRESETS["digits"].classes), True
+        description = "the shipped digits world (kldb.digits.load_pipeline()), classes three / eight"
     elif model == "sd":
         pipe = sd14_shaped_pipeline(seed=seed, dtype=dtype).to(device)
-        setting = BenchSetting(
-            model=model,
-            pipeline=pipe,
-            classes=["Chihuahua", "papillon"],
-            height=height or 512,
-            width=height or 512,
-            guidance_scale=6.0,
-            kldb_guidance_scale=0.1,
-            kldb_meaningful=False,
-            description=(
-                "SD-v1.4-shaped pipeline with RANDOM weights (UNet, VAE, CLIP-L text encoder, torchvision ResNet-50): "
-                "costs are real, images and KLDB values are meaningless"
-            ),
+        preset, classes, kldb_meaningful = PRESETS["paper"], list(PRESETS["paper"].classes), False
+        height = height or 512
+        description = (
+            "SD-v1.4-shaped pipeline with RANDOM weights (UNet, VAE, CLIP-L text encoder, torchvision ResNet-50): "
+            "costs are real, images and KLDB values are meaningless"
         )
     elif model == "tiny":
         from kldb.testing import tiny_guidance_vae, tiny_pipeline
@@ -179,20 +165,22 @@ def build_setting(model: str, device: str, dtype: torch.dtype, height: int | Non
         pipe = tiny_pipeline(seed=seed)
         pipe.register_modules(guidance_vae=tiny_guidance_vae(seed=seed))
         pipe.to(device=device, dtype=dtype)
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        setting = BenchSetting(
-            model=model,
-            pipeline=pipe,
-            classes=["three", "two"],
-            height=height or size,
-            width=height or size,
-            guidance_scale=6.0,
-            kldb_guidance_scale=0.1,
-            kldb_meaningful=False,
-            description="tiny random components (kldb.testing.tiny_pipeline()), for CI: numbers mean nothing",
-        )
+        preset, classes, kldb_meaningful = PRESETS["digits"], ["three", "two"], False
+        description = "tiny random components (kldb.testing.tiny_pipeline()), for CI: numbers mean nothing"
     else:
         raise ValueError(f"Expected argument `model` to be one of {MODELS} but got {model!r}.")
+    size = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    setting = BenchSetting(
+        model=model,
+        pipeline=pipe,
+        classes=classes,
+        height=size,
+        width=size,
+        guidance_scale=preset.beta,
+        kldb_guidance_scale=preset.alpha,
+        kldb_meaningful=kldb_meaningful,
+        description=description,
+    )
     setting.pipeline.set_progress_bar_config(disable=True)
     setting.parameters = count_parameters(setting.pipeline)
     return setting

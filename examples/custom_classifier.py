@@ -14,7 +14,8 @@ its preprocessing with your own model; load your trained weights with `load_stat
 
 import torch
 
-from kldb.examples_support import cuda_device, format_summary, save_comparison, tiny_mode, tiny_stable_diffusion
+from kldb.demo import format_summary, save_comparison
+from kldb.examples_support import cuda_device, tiny_mode, tiny_stable_diffusion
 from pipeline_kldb_boundary import ImageClassifier, KLDBBoundaryPipeline
 
 TINY = tiny_mode()

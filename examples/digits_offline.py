@@ -13,7 +13,8 @@ Writes prompt-only (alpha = 0) and KLDB-guided images from the same seeds to out
 import torch
 
 from kldb import digits
-from kldb.examples_support import digits_pipeline, format_summary, label_names, save_comparison, tiny_mode
+from kldb.demo import digits_pipeline, format_summary, save_comparison
+from kldb.examples_support import label_names, tiny_mode
 
 TINY = tiny_mode()
 CLASSES = ["three", "eight"]

@@ -16,15 +16,8 @@ by three cat classes to outputs/hf_classifier_three_classes/.
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from kldb.examples_support import (
-    cuda_device,
-    format_summary,
-    imagenet_labels,
-    save_comparison,
-    tiny_mode,
-    tiny_stable_diffusion,
-    tiny_vit_classifier,
-)
+from kldb.demo import format_summary, save_comparison
+from kldb.examples_support import cuda_device, imagenet_labels, tiny_mode, tiny_stable_diffusion, tiny_vit_classifier
 from pipeline_kldb_boundary import KLDBBoundaryPipeline
 
 TINY = tiny_mode()

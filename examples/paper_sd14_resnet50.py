@@ -16,7 +16,8 @@ outputs/paper_sd14_resnet50/ with a captioned grid and results.json (KLDB, entro
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
 
-from kldb.examples_support import cuda_device, format_summary, save_comparison, tiny_mode, tiny_stable_diffusion
+from kldb.demo import format_summary, save_comparison
+from kldb.examples_support import cuda_device, tiny_mode, tiny_stable_diffusion
 from pipeline_kldb_boundary import ImageClassifier, KLDBBoundaryPipeline
 
 TINY = tiny_mode()

@@ -17,18 +17,27 @@ import argparse
 import importlib.util
 import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kldb.presets import PRESETS, Preset, get_preset
+from kldb.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    KLDBInputError,
+    KLDBPathError,
+    MissingExtraError,
+    run_command,
+)
+from kldb.loading import DTYPES, resolve_dtype
+from kldb.presets import PRESETS, get_preset
 from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS
 
 logger = logging.getLogger("kldb.cli")
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "GENERATION_OPTIONS", "build_parser", "main"]
 
 #: The extra of ``kldb-boundary`` that installs each optional module a command may need (pyproject.toml).
 EXTRA_FOR_MODULE = {"accelerate": "audit", "matplotlib": "audit", "torchmetrics": "audit", "sklearn": "train"}
@@ -38,10 +47,6 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "sweep": ("accelerate",),
     "report": ("matplotlib", "torchmetrics"),
 }
-
-
-class MissingExtraError(ImportError):
-    """A command needs optional modules that the base install leaves out; the message names the extra."""
 
 
 def missing_extra_message(command: str, modules: Iterable[str]) -> str:
@@ -70,13 +75,15 @@ def check_device(device: str | None, option: str = "--device") -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected argument `{option}` to be a torch device such as 'cpu' or 'cuda:0' but got {device!r}."
         ) from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Expected argument `{option}` to be a device of this machine but got {device!r}: no CUDA.")
+        raise KLDBInputError(
+            f"Expected argument `{option}` to be a device of this machine but got {device!r}: no CUDA."
+        )
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected argument `{option}` to be a device of this machine but got {device!r}: it has "
             f"{torch.cuda.device_count()} CUDA device(s)."
         )
@@ -92,7 +99,7 @@ def check_local_path_spec(value: str | None, option: str) -> None:
         return
     looks_local = value.startswith(("/", "./", "../", "~", ".\\")) or value.count("/") > 1
     if looks_local and not Path(value).expanduser().exists():
-        raise ValueError(
+        raise KLDBPathError(
             f"Expected argument `{option}` to be an existing local folder, a Hub id or package.module:function but "
             f"got {value!r}, a path that does not exist."
         )
@@ -105,7 +112,7 @@ def check_output_folder(path: str | Path, option: str) -> Path:
         if candidate.exists():
             if not candidate.is_dir():
                 where = "is a file" if candidate == folder else f"lies inside the file {str(candidate)!r}"
-                raise ValueError(
+                raise KLDBInputError(
                     f"Expected argument `{option}` to be a folder (new or existing) but {str(path)!r} {where}."
                 )
             break
@@ -116,102 +123,246 @@ def _preset_help() -> str:
     return "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# `kldb generate` and `kldb sweep`: one table maps each option to the preset field that gives its default and the
+# SweepConfig field it sets
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationOption:
+    """An option of ``kldb generate`` / ``kldb sweep``.
+
+    Args:
+        flag: the command-line flag; its ``argparse`` destination is the flag without dashes (``--num-images``:
+            ``num_images``).
+        help: what it means; options with a ``preset`` field get both presets' values appended.
+        preset: the :class:`~kldb.presets.Preset` field that gives its default, or ``None`` (no preset default).
+        config: the :class:`~kldb.sweep.SweepConfig` field it sets, or ``None`` (the seeds are made from
+            ``--num-images`` and ``--seed`` together).
+        grid: ``True`` for ``sweep`` only, ``False`` for ``generate`` only, ``None`` for both.
+        from_preset: turns the preset's value into the form the parsed option has.
+        to_config: turns the option's value into the config field's.
+        argparse: further ``add_argument`` keywords (``type``, ``choices``, ``nargs``, ...).
+    """
+
+    flag: str
+    help: str
+    preset: str | None = None
+    config: str | None = None
+    grid: bool | None = None
+    from_preset: Callable[[Any], Any] = _same
+    to_config: Callable[[Any], Any] = _same
+    argparse: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _class_subsets(subsets: list[list[str]]) -> list[list[str | int]]:
+    return [[int(c) if c.isdigit() else c for c in subset] for subset in subsets]
+
+
+GENERATION_OPTIONS: tuple[GenerationOption, ...] = (
+    GenerationOption(
+        "--pipeline",
+        "pipeline: 'digits' (bundled world), 'package.module:function' returning a KLDBBoundaryPipeline, or a local "
+        "folder / Hub model id",
+        preset="pipeline",
+        config="pipeline",
+    ),
+    GenerationOption(
+        "--classifier",
+        "classifier to audit, if not the pipeline's own: 'torchvision:<model>:<weights>', 'package.module:function' "
+        "or a transformers model folder / Hub id",
+        preset="classifier",
+        config="classifier",
+    ),
+    GenerationOption(
+        "--classes",
+        "the class subset C, as label names or indices; repeat the option for several subsets (sweep)",
+        preset="classes",
+        config="class_subsets",
+        from_preset=lambda classes: [list(classes)],
+        to_config=_class_subsets,
+        argparse={"nargs": "+", "action": "append", "metavar": "CLASS"},
+    ),
+    GenerationOption(
+        "--prompt", "the prompt; default: the class names joined with ' and ' (the paper's)", config="prompt"
+    ),
+    GenerationOption("--negative-prompt", "negative prompt", preset="negative_prompt", config="negative_prompt"),
+    GenerationOption(
+        "--alphas",
+        "KLDB guidance strengths; 0 is prompt-only",
+        preset="alphas",
+        config="alphas",
+        grid=True,
+        from_preset=list,
+        argparse={"nargs": "+", "type": float, "metavar": "ALPHA"},
+    ),
+    GenerationOption(
+        "--betas",
+        "classifier-free guidance scales",
+        preset="betas",
+        config="betas",
+        grid=True,
+        from_preset=list,
+        argparse={"nargs": "+", "type": float, "metavar": "BETA"},
+    ),
+    GenerationOption(
+        "--alpha",
+        "KLDB guidance strength; 0 is prompt-only",
+        preset="alpha",
+        config="alphas",
+        grid=False,
+        to_config=lambda alpha: [alpha],
+        argparse={"type": float},
+    ),
+    GenerationOption(
+        "--beta",
+        "classifier-free guidance scale",
+        preset="beta",
+        config="betas",
+        grid=False,
+        to_config=lambda beta: [beta],
+        argparse={"type": float},
+    ),
+    GenerationOption(
+        "--num-images", "images per setting, seeds seed .. seed + n - 1", preset="num_images", argparse={"type": int}
+    ),
+    GenerationOption("--seed", "first seed", preset="seed", argparse={"type": int}),
+    GenerationOption(
+        "--steps", "k-LMS steps T", preset="num_inference_steps", config="num_inference_steps", argparse={"type": int}
+    ),
+    GenerationOption(
+        "--interval",
+        "KLDB guidance every k steps",
+        preset="kldb_guidance_interval",
+        config="kldb_guidance_interval",
+        argparse={"type": int},
+    ),
+    GenerationOption(
+        "--gradient",
+        "'unet': gradient through the noise prediction (the authors' code); 'detached': the step's own noise "
+        "prediction without its Jacobian, cheaper",
+        preset="kldb_gradient",
+        config="kldb_gradient",
+        argparse={"choices": GRADIENT_MODES},
+    ),
+    GenerationOption(
+        "--guidance-decoder",
+        "whose decoder the guidance gradient goes through: 'vae' (the paper's), 'guidance_vae' (the pipeline's small "
+        "one), 'auto' (guidance_vae when the pipeline has one)",
+        preset="kldb_guidance_decoder",
+        config="kldb_guidance_decoder",
+        argparse={"choices": GUIDANCE_DECODERS},
+    ),
+    GenerationOption(
+        "--guidance-vae",
+        "a small decoder for the guidance gradient, given to the pipeline as its guidance_vae: an AutoencoderTiny "
+        "folder or Hub id (e.g. madebyollin/taesd for Stable Diffusion v1) or package.module:function (default: the "
+        "pipeline's own; the digits world ships one)",
+        config="guidance_vae",
+    ),
+    GenerationOption(
+        "--guidance-rescale",
+        "Lin et al. (2024) CFG rescale",
+        preset="guidance_rescale",
+        config="guidance_rescale",
+        argparse={"type": float},
+    ),
+    GenerationOption(
+        "--timestep-spacing",
+        "k-LMS timestep spacing; default: the scheduler's own",
+        preset="timestep_spacing",
+        config="timestep_spacing",
+        argparse={"choices": ("leading", "linspace", "trailing")},
+    ),
+    GenerationOption(
+        "--karras",
+        "Karras et al. (2022) noise levels",
+        preset="use_karras_sigmas",
+        config="use_karras_sigmas",
+        argparse={"action": argparse.BooleanOptionalAction, "default": None},
+    ),
+    GenerationOption("--height", "image height; default: the model's", config="height", argparse={"type": int}),
+    GenerationOption("--width", "image width; default: the model's", config="width", argparse={"type": int}),
+    GenerationOption(
+        "--batch-size", "images per pipeline call", preset="batch_size", config="batch_size", argparse={"type": int}
+    ),
+    GenerationOption(
+        "--dtype",
+        "weights dtype; auto: float16 on a GPU, float32 on a CPU",
+        preset="dtype",
+        config="dtype",
+        argparse={"choices": ("auto", *DTYPES)},
+    ),
+    GenerationOption(
+        "--device",
+        "device, e.g. cpu or cuda:0; default: the one accelerate assigns to this process",
+        config="device",
+    ),
+)
+
+
+def generation_options(grid: bool) -> list[GenerationOption]:
+    """The options of ``kldb sweep`` (``grid``) or ``kldb generate``."""
+    return [option for option in GENERATION_OPTIONS if option.grid in (None, grid)]
+
+
 def _add_generation_options(parser: argparse.ArgumentParser, grid: bool) -> None:
-    """Options shared by ``generate`` and ``sweep``; ``None`` defaults are filled from the preset."""
+    """The options of ``generate`` and ``sweep`` from :data:`GENERATION_OPTIONS`; ``None`` defaults come from the
+    preset."""
     digits, paper = PRESETS["digits"], PRESETS["paper"]
-
-    def both(name: str) -> str:
-        return f"(digits preset: {getattr(digits, name)!r}; paper preset: {getattr(paper, name)!r})"
-
     parser.add_argument(
         "--preset", default="digits", choices=sorted(PRESETS), help=f"named setup: {_preset_help()}. Default: digits."
     )
     parser.add_argument("--out", required=True, help="output folder; an existing run in it is resumed")
-    parser.add_argument(
-        "--pipeline",
-        help="pipeline: 'digits' (bundled world), 'tiny' (random toy components, for tests), 'package.module:function' "
-        f"returning a KLDBBoundaryPipeline, or a local folder / Hub model id {both('pipeline')}",
-    )
-    parser.add_argument(
-        "--classifier",
-        help="classifier to audit, if not the pipeline's own: 'torchvision:<model>:<weights>', 'package.module:function' "
-        f"or a transformers model folder / Hub id {both('classifier')}",
-    )
-    parser.add_argument(
-        "--classes",
-        nargs="+",
-        action="append",
-        metavar="CLASS",
-        help="the class subset C, as label names or indices; "
-        + ("repeat the option for several subsets " if grid else "")
-        + f"{both('classes')}",
-    )
-    parser.add_argument("--prompt", help="the prompt; default: the class names joined with ' and ' (the paper's)")
-    parser.add_argument("--negative-prompt", help=f"negative prompt {both('negative_prompt')}")
-    if grid:
-        parser.add_argument(
-            "--alphas",
-            nargs="+",
-            type=float,
-            metavar="ALPHA",
-            help=f"KLDB guidance strengths; 0 is prompt-only {both('alphas')}",
-        )
-        parser.add_argument(
-            "--betas", nargs="+", type=float, metavar="BETA", help=f"classifier-free guidance scales {both('betas')}"
-        )
-    else:
-        parser.add_argument("--alpha", type=float, help=f"KLDB guidance strength; 0 is prompt-only {both('alpha')}")
-        parser.add_argument("--beta", type=float, help=f"classifier-free guidance scale {both('beta')}")
-    parser.add_argument(
-        "--num-images", type=int, help=f"images per setting, seeds seed .. seed + n - 1 {both('num_images')}"
-    )
-    parser.add_argument("--seed", type=int, help=f"first seed {both('seed')}")
-    parser.add_argument("--steps", type=int, help=f"k-LMS steps T {both('num_inference_steps')}")
-    parser.add_argument("--interval", type=int, help=f"KLDB guidance every k steps {both('kldb_guidance_interval')}")
-    parser.add_argument(
-        "--gradient",
-        choices=GRADIENT_MODES,
-        help="'unet': gradient through the noise prediction (the authors' code); 'detached': the step's own noise "
-        f"prediction without its Jacobian, cheaper {both('kldb_gradient')}",
-    )
-    parser.add_argument(
-        "--guidance-decoder",
-        choices=GUIDANCE_DECODERS,
-        help="whose decoder the guidance gradient goes through: 'vae' (the paper's), 'guidance_vae' (the pipeline's "
-        f"small one), 'auto' (guidance_vae when the pipeline has one) {both('kldb_guidance_decoder')}",
-    )
-    parser.add_argument(
-        "--guidance-vae",
-        help="a small decoder for the guidance gradient, given to the pipeline as its guidance_vae: an AutoencoderTiny "
-        "folder or Hub id (e.g. madebyollin/taesd for Stable Diffusion v1) or package.module:function (default: the "
-        "pipeline's own; the digits world ships one)",
-    )
-    parser.add_argument(
-        "--guidance-rescale", type=float, help=f"Lin et al. (2024) CFG rescale {both('guidance_rescale')}"
-    )
-    parser.add_argument(
-        "--timestep-spacing",
-        choices=("leading", "linspace", "trailing"),
-        help=f"k-LMS timestep spacing; default: the scheduler's own {both('timestep_spacing')}",
-    )
-    parser.add_argument(
-        "--karras",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"Karras et al. (2022) noise levels {both('use_karras_sigmas')}",
-    )
-    parser.add_argument("--height", type=int, help="image height; default: the model's")
-    parser.add_argument("--width", type=int, help="image width; default: the model's")
-    parser.add_argument("--batch-size", type=int, help=f"images per pipeline call {both('batch_size')}")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "float16", "bfloat16"),
-        help=f"weights dtype; auto: float16 on a GPU, float32 on a CPU {both('dtype')}",
-    )
-    parser.add_argument(
-        "--device", help="device, e.g. cpu or cuda:0; default: the one accelerate assigns to this process"
-    )
+    for option in generation_options(grid):
+        text = option.help
+        if option.preset is not None:
+            text += (
+                f" (digits preset: {getattr(digits, option.preset)!r}; paper preset: "
+                f"{getattr(paper, option.preset)!r})"
+            )
+        parser.add_argument(option.flag, help=text, **option.argparse)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def sweep_config_from_args(args: argparse.Namespace, grid: bool) -> Any:
+    """A :class:`~kldb.sweep.SweepConfig` from parsed ``generate`` / ``sweep`` arguments and their preset."""
+    from kldb.sweep import SweepConfig
+
+    preset = get_preset(args.preset)
+    check_output_folder(args.out, "--out")
+    check_device(args.device)
+    for option in ("pipeline", "classifier", "guidance_vae"):
+        check_local_path_spec(getattr(args, option), f"--{option.replace('_', '-')}")
+    values: dict[str, Any] = {}
+    for option in generation_options(grid):
+        value = getattr(args, option.dest)
+        if value is None and option.preset is not None:
+            value = option.from_preset(getattr(preset, option.preset))
+        values[option.dest] = value
+    if args.pipeline is not None and args.classifier is None:
+        values["classifier"] = None  # a pipeline given without a classifier audits the pipeline's own classifier
+    num_images, seed = values["num_images"], values["seed"]
+    if not isinstance(num_images, int) or num_images < 1:
+        raise KLDBInputError(f"Expected argument `--num-images` to be a positive integer but got {num_images!r}.")
+    if seed < 0:
+        raise KLDBInputError(f"Expected argument `--seed` to be a non-negative integer but got {seed!r}.")
+    fields = {
+        option.config: option.to_config(values[option.dest])
+        for option in generation_options(grid)
+        if option.config is not None
+    }
+    fields["dtype"] = resolve_dtype(fields["dtype"], args.device)
+    return SweepConfig(out_dir=args.out, seeds=list(range(seed, seed + num_images)), **fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,85 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate prompt-only (alpha = 0) and guided images for two classes of the digits world from the same "
         "seeds; write the images, a captioned grid and a report (kldb.demo).",
     )
-    demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    demo.add_argument("--num-images", type=int, default=16, help="images per setting (default: 16)")
-    demo.add_argument(
-        "--alpha", type=float, default=0.1, help="KLDB guidance strength of the guided row (default: 0.1)"
-    )
-    demo.add_argument("--beta", type=float, default=None, help="classifier-free guidance scale (default: 6)")
-    demo.add_argument("--steps", type=int, default=40, help="k-LMS steps (default: 40)")
-    demo.add_argument("--interval", type=int, default=5, help="guidance every k steps (default: 5)")
-    demo.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
-    demo.add_argument("--tiny", action="store_true", help="tiny random components instead of the digits world")
+    from kldb.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
 
     from kldb.hub_cli import add_hub_commands
 
     add_hub_commands(commands)  # `kldb export` and `kldb publish`
     return parser
-
-
-def _resolve_dtype(dtype: str, device: str | None) -> str:
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    on_gpu = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
-    return "float16" if on_gpu else "float32"
-
-
-def sweep_config_from_args(args: argparse.Namespace, grid: bool) -> Any:
-    """A :class:`~kldb.sweep.SweepConfig` from parsed ``generate`` / ``sweep`` arguments and their preset."""
-    from kldb.sweep import SweepConfig
-
-    preset: Preset = get_preset(args.preset)
-    check_output_folder(args.out, "--out")
-    check_device(args.device)
-    for option in ("pipeline", "classifier", "guidance_vae"):
-        check_local_path_spec(getattr(args, option), f"--{option.replace('_', '-')}")
-
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
-    num_images = pick(args.num_images, preset.num_images)
-    seed = pick(args.seed, preset.seed)
-    if not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"Expected argument `--num-images` to be a positive integer but got {num_images!r}.")
-    if seed < 0:
-        raise ValueError(f"Expected argument `--seed` to be a non-negative integer but got {seed!r}.")
-    if grid:
-        alphas, betas = pick(args.alphas, list(preset.alphas)), pick(args.betas, list(preset.betas))
-    else:
-        alphas, betas = [pick(args.alpha, preset.alpha)], [pick(args.beta, preset.beta)]
-    pipeline = pick(args.pipeline, preset.pipeline)
-    # a pipeline given without a classifier audits the pipeline's own classifier
-    classifier = (
-        args.classifier if args.classifier is not None else (preset.classifier if args.pipeline is None else None)
-    )
-    classes = args.classes if args.classes is not None else [list(preset.classes)]
-    return SweepConfig(
-        out_dir=args.out,
-        pipeline=pipeline,
-        classifier=classifier,
-        class_subsets=[[int(c) if c.isdigit() else c for c in subset] for subset in classes],
-        alphas=alphas,
-        betas=betas,
-        seeds=list(range(seed, seed + num_images)),
-        prompt=args.prompt,
-        negative_prompt=pick(args.negative_prompt, preset.negative_prompt),
-        num_inference_steps=pick(args.steps, preset.num_inference_steps),
-        kldb_guidance_interval=pick(args.interval, preset.kldb_guidance_interval),
-        kldb_gradient=pick(args.gradient, preset.kldb_gradient),
-        kldb_guidance_decoder=pick(args.guidance_decoder, preset.kldb_guidance_decoder),
-        guidance_vae=args.guidance_vae,
-        guidance_rescale=pick(args.guidance_rescale, preset.guidance_rescale),
-        timestep_spacing=pick(args.timestep_spacing, preset.timestep_spacing),
-        use_karras_sigmas=pick(args.karras, preset.use_karras_sigmas),
-        height=args.height,
-        width=args.width,
-        batch_size=pick(args.batch_size, preset.batch_size),
-        dtype=_resolve_dtype(pick(args.dtype, preset.dtype), args.device),
-        device=args.device,
-    )
 
 
 def _settings_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -389,8 +469,9 @@ def _settings_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _run_generation(args: argparse.Namespace, grid: bool) -> int:
-    from kldb.metrics import setting_metrics
-    from kldb.sweep import read_manifest, run_sweep
+    from kldb.report import setting_metrics
+    from kldb.runfolder import read_manifest
+    from kldb.sweep import run_sweep
 
     config = sweep_config_from_args(args, grid)
     result = run_sweep(config, progress=not args.no_progress)
@@ -408,15 +489,17 @@ def _run_generation(args: argparse.Namespace, grid: bool) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from kldb.metrics import run_info
     from kldb.report import table1_markdown, write_report
+    from kldb.runfolder import run_info
 
     if args.out is not None:
         check_output_folder(args.out, "--out")
     if args.per_setting < 1:
-        raise ValueError(f"Expected argument `--per-setting` to be a positive integer but got {args.per_setting!r}.")
+        raise KLDBInputError(
+            f"Expected argument `--per-setting` to be a positive integer but got {args.per_setting!r}."
+        )
     if args.reference_limit is not None and args.reference_limit < 2:
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected argument `--reference-limit` to be an integer >= 2 but got {args.reference_limit!r}."
         )
     reference = args.reference
@@ -444,7 +527,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from kldb.compare import compare_run, summary_markdown
 
     if args.batch_size < 1:
-        raise ValueError(f"Expected argument `--batch-size` to be a positive integer but got {args.batch_size!r}.")
+        raise KLDBInputError(f"Expected argument `--batch-size` to be a positive integer but got {args.batch_size!r}.")
     if args.out is not None:
         check_output_folder(args.out, "--out")
     check_device(args.device)
@@ -455,27 +538,14 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from kldb.demo import render_markdown, run_demo
+    from kldb.demo import run_demo_command
 
     check_output_folder(args.out, "--out")
-    report = run_demo(
-        args.out, args.num_images, args.alpha, args.beta, args.steps, args.interval, args.seed, args.tiny
-    )
-    print(render_markdown(report))
-    print(f"Wrote {Path(args.out) / 'grid.png'}, the images and report.json / report.md.")
-    return 0
+    return run_demo_command(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kldb`` console script; returns the exit status."""
-    from kldb.sweep import SweepDiskFullError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    prog = f"kldb {args.command}"
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; an optional module found missing late becomes a :class:`MissingExtraError`."""
     try:
         require_modules(args.command, COMMAND_MODULES.get(args.command, ()))
         if args.command in ("generate", "sweep"):
@@ -487,24 +557,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _run_demo(args)
         return args.handler(args)  # export, publish
-    except SweepDiskFullError as error:
-        print(f"{prog}: error: {error.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
     except ModuleNotFoundError as error:
         # an optional dependency needed only by some options (e.g. scikit-learn for the digits reference images)
         module = (error.name or "").split(".")[0]
-        message = missing_extra_message(args.command, [module]) if module in EXTRA_FOR_MODULE else str(error)
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as error:  # a model that cannot be read or downloaded, a folder that cannot be written
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; what was written is complete. Rerun the same command to resume.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        if module in EXTRA_FOR_MODULE:
+            raise MissingExtraError(missing_extra_message(args.command, [module])) from error
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kldb`` console script; returns the exit status (see :mod:`kldb.errors`)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return run_command(
+        f"kldb {args.command}",
+        lambda: _dispatch(args),
+        interrupted="interrupted; what was written is complete. Rerun the same command to resume.",
+    )
 
 
 def console_main() -> None:

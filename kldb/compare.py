@@ -16,19 +16,22 @@ on the PNG, as B would see it from disk.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kldb.io import atomic_write_json, atomic_write_text
-from kldb.metrics import load_image, run_info, top_set_is_classes
-from kldb.sweep import iter_settings, read_manifest
+from kldb.errors import KLDBInputError
+from kldb.io import atomic_write_json, atomic_write_text, load_image
+from kldb.metrics import summary_statistics, top_set_is_classes
+from kldb.runfolder import ImageRecord, iter_settings, read_manifest, run_labels
 from pipeline_kldb_boundary import ImageClassifier, entropy, kldb_score
 
 logger = logging.getLogger(__name__)
@@ -48,17 +51,40 @@ PER_IMAGE_FIELDS = (
 )
 
 
+@dataclass
+class RescoredImage:
+    """An image of a run scored by the run's classifier A (from its manifest record) and by a second classifier B."""
+
+    setting: str
+    seed: int
+    file: str
+    classes: list[int]
+    kldb_a: float
+    kldb_b: float
+    entropy_a: float
+    entropy_b: float
+    predicted_a: int
+    predicted_b: int
+    top_set_a: list[int]  # the |C| most probable classes, sorted
+    top_set_b: list[int]
+    a_top_is_c: bool
+    b_top_is_c: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def check_same_label_space(labels_a: Sequence[str], classifier_b: ImageClassifier, num_classes_b: int) -> None:
     """Refuse a second classifier whose outputs are not the run classifier's classes (same count, same names)."""
     if num_classes_b != len(labels_a):
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected the second classifier to have the run's {len(labels_a)} classes but it returns {num_classes_b} "
             "logits."
         )
     labels_b = classifier_b.labels
     if labels_b is not None and [a.casefold() for a in labels_a] != [b.casefold() for b in labels_b]:
         first = next(i for i, (a, b) in enumerate(zip(labels_a, labels_b)) if a.casefold() != b.casefold())
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected the second classifier to have the run's label names but class {first} is "
             f"{labels_b[first]!r} for it and {labels_a[first]!r} for the run."
         )
@@ -67,10 +93,10 @@ def check_same_label_space(labels_a: Sequence[str], classifier_b: ImageClassifie
 @torch.no_grad()
 def score_records(
     run_dir: str | os.PathLike[str],
-    records: Sequence[dict[str, Any]],
+    records: Sequence[ImageRecord],
     classifier: ImageClassifier,
     batch_size: int = 64,
-) -> list[dict[str, Any]]:
+) -> list[RescoredImage]:
     """Rescore the PNGs of ``records`` with ``classifier``; one dict per image with its scores under A and B."""
     from tqdm.auto import tqdm
 
@@ -78,30 +104,30 @@ def score_records(
     rows = []
     for start in tqdm(range(0, len(records), batch_size), desc="scoring", unit="batch", leave=False):
         chunk = records[start : start + batch_size]
-        images = torch.stack([load_image(out / r["file"]) for r in chunk])  # (B, 3, H, W)
+        images = torch.stack([load_image(out / r.file) for r in chunk])  # (B, 3, H, W)
         logits = classifier(images)  # (B, n)
         ent = entropy(logits)
         for i, r in enumerate(chunk):
-            classes = [int(c) for c in r["class_indices"]]
+            classes = [int(c) for c in r.class_indices]
             row_logits = logits[i : i + 1]
             top_b = row_logits[0].topk(len(classes)).indices.tolist()
             rows.append(
-                {
-                    "setting": r["setting"],
-                    "seed": r["seed"],
-                    "file": r["file"],
-                    "classes": classes,
-                    "kldb_a": float(r["kldb"]),
-                    "kldb_b": float(kldb_score(row_logits, classes)[0]),
-                    "entropy_a": float(r["entropy"]),
-                    "entropy_b": float(ent[i]),
-                    "predicted_a": int(r["predicted_class"]),
-                    "predicted_b": int(row_logits[0].argmax()),
-                    "top_set_a": sorted(int(c) for c in r["top_classes"][: len(classes)]),
-                    "top_set_b": sorted(top_b),
-                    "a_top_is_c": top_set_is_classes(r),
-                    "b_top_is_c": set(top_b) == set(classes),
-                }
+                RescoredImage(
+                    setting=r.setting,
+                    seed=r.seed,
+                    file=r.file,
+                    classes=classes,
+                    kldb_a=float(r.kldb),
+                    kldb_b=float(kldb_score(row_logits, classes)[0]),
+                    entropy_a=float(r.entropy),
+                    entropy_b=float(ent[i]),
+                    predicted_a=int(r.predicted_class),
+                    predicted_b=int(row_logits[0].argmax()),
+                    top_set_a=sorted(int(c) for c in r.top_classes[: len(classes)]),
+                    top_set_b=sorted(top_b),
+                    a_top_is_c=top_set_is_classes(r.top_classes, classes),
+                    b_top_is_c=top_set_is_classes(top_b, classes),
+                )
             )
     return rows
 
@@ -115,21 +141,21 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return rho if math.isfinite(rho) else None
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: Sequence[RescoredImage]) -> dict[str, Any]:
     """Carry-over statistics of a set of rescored images (see the module docstring)."""
-    kldb_a, kldb_b = [r["kldb_a"] for r in rows], [r["kldb_b"] for r in rows]
+    kldb_a, kldb_b = [r.kldb_a for r in rows], [r.kldb_b for r in rows]
     return {
         "n": len(rows),
-        "median_kldb_a": float(np.median(kldb_a)),
-        "median_kldb_b": float(np.median(kldb_b)),
-        "median_entropy_a": float(np.median([r["entropy_a"] for r in rows])),
-        "median_entropy_b": float(np.median([r["entropy_b"] for r in rows])),
+        "median_kldb_a": summary_statistics(kldb_a)["median"],
+        "median_kldb_b": summary_statistics(kldb_b)["median"],
+        "median_entropy_a": summary_statistics([r.entropy_a for r in rows])["median"],
+        "median_entropy_b": summary_statistics([r.entropy_b for r in rows])["median"],
         "kldb_spearman": _spearman(kldb_a, kldb_b),
-        "top_set_agreement": float(np.mean([r["top_set_a"] == r["top_set_b"] for r in rows])),
-        "a_top_set_share": float(np.mean([r["a_top_is_c"] for r in rows])),
-        "b_top_set_share": float(np.mean([r["b_top_is_c"] for r in rows])),
-        "both_top_set_share": float(np.mean([r["a_top_is_c"] and r["b_top_is_c"] for r in rows])),
-        "prediction_agreement": float(np.mean([r["predicted_a"] == r["predicted_b"] for r in rows])),
+        "top_set_agreement": float(np.mean([r.top_set_a == r.top_set_b for r in rows])),
+        "a_top_set_share": float(np.mean([r.a_top_is_c for r in rows])),
+        "b_top_set_share": float(np.mean([r.b_top_is_c for r in rows])),
+        "both_top_set_share": float(np.mean([r.a_top_is_c and r.b_top_is_c for r in rows])),
+        "prediction_agreement": float(np.mean([r.predicted_a == r.predicted_b for r in rows])),
     }
 
 
@@ -158,15 +184,15 @@ def compare_run(
     from pipeline_kldb_boundary import as_image_classifier
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"Expected argument `batch_size` to be a positive integer but got {batch_size!r}.")
+        raise KLDBInputError(f"Expected argument `batch_size` to be a positive integer but got {batch_size!r}.")
     records = read_manifest(run)
     if not records:
-        raise ValueError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
-    labels = run_info(run).get("labels") or [str(i) for i in range(int(records[0]["num_classes"]))]
+        raise KLDBInputError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+    labels = run_labels(run, records)
     name = classifier if isinstance(classifier, str) else type(classifier).__name__
     adapter = load_classifier(classifier, device) if isinstance(classifier, str) else as_image_classifier(classifier)
     with torch.no_grad():
-        probe = load_image(Path(run) / records[0]["file"]).unsqueeze(0)
+        probe = load_image(Path(run) / records[0].file).unsqueeze(0)
         num_classes = adapter(probe).shape[-1]
     check_same_label_space(labels, adapter, num_classes)
     rows = score_records(run, records, adapter, batch_size)
@@ -179,7 +205,9 @@ def compare_run(
     }
     out = Path(out_dir) if out_dir is not None else Path(run) / "compare"
     files = {
-        "per_image.csv": atomic_write_text(out / "per_image.csv", to_csv(rows, PER_IMAGE_FIELDS)),
+        "per_image.csv": atomic_write_text(
+            out / "per_image.csv", to_csv([r.as_dict() for r in rows], PER_IMAGE_FIELDS)
+        ),
         "summary.json": atomic_write_json(out / "summary.json", result),
         "summary.md": atomic_write_text(out / "summary.md", summary_markdown(result)),
     }

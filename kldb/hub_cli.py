@@ -9,18 +9,19 @@
 There is deliberately no ``--token`` option: a token on the command line ends up in shell histories and process
 lists. ``publish`` uses ``HF_TOKEN`` or the stored login, as ``huggingface_hub`` does.
 
-The main ``kldb`` command mounts these with :func:`add_hub_commands`; :func:`main` runs them on their own.
+The main ``kldb`` command mounts these with :func:`add_hub_commands`; :func:`main` runs them on their own, with the
+same exit statuses (:func:`kldb.errors.run_command`: 2 for refused input, 1 for I/O or Hub errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kldb.errors import KLDBInputError, run_command
 from kldb.hub import DEFAULT_LICENSE, SD_V1_LICENSE, export_folder, publish
 
 logger = logging.getLogger(__name__)
@@ -154,10 +155,12 @@ _EXPORT_OPTIONS = ("repo_id", "model_card", "world_info", "results", "license", 
 def _check_export_arguments(args: argparse.Namespace) -> None:
     """Refuse ``export`` arguments that disagree, before anything is written."""
     if (args.author is not None or args.author_url is not None) and args.community is None:
-        raise ValueError("Expected `--author` and `--author-url` only with `--community`, whose README row they fill.")
+        raise KLDBInputError(
+            "Expected `--author` and `--author-url` only with `--community`, whose README row they fill."
+        )
     if args.community is None or args.source is not None:
         if args.source is None or args.out is None:
-            raise ValueError(
+            raise KLDBInputError(
                 "Expected the arguments SOURCE and OUT (a saved pipeline folder or 'digits', and the destination "
                 "folder), or `--community DIR` alone."
             )
@@ -167,13 +170,13 @@ def _check_export_arguments(args: argparse.Namespace) -> None:
             given.append("no_model_card")
         if given:
             options = ", ".join(f"`--{name.replace('_', '-')}`" for name in given)
-            raise ValueError(
+            raise KLDBInputError(
                 f"Expected {options} only with SOURCE and OUT: `--community DIR` alone exports no weights."
             )
     if args.community is not None and args.out is not None:
         out, community = args.out.resolve(), args.community.resolve()
         if out == community or out in community.parents or community in out.parents:
-            raise ValueError(
+            raise KLDBInputError(
                 "Expected `--community` and OUT to be separate folders (the export replaces OUT) but got "
                 f"{str(args.community)!r} and {str(args.out)!r}."
             )
@@ -203,18 +206,11 @@ def build_parser(prog: str = "python -m kldb.hub_cli") -> argparse.ArgumentParse
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``export`` or ``publish``; returns the exit status (2 for refused input, 1 for I/O or Hub errors)."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m kldb.hub_cli") -> int:
+    """Run ``export`` or ``publish``; returns the exit status, as ``kldb export`` / ``kldb publish`` do."""
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return args.handler(args)
-    except (ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(f"{prog} {args.command}", lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Pipeline specs:
 
 - ``"digits"``: the bundled digits world (:func:`kldb.digits.load_pipeline`), offline;
-- ``"tiny"``: tiny random components (:func:`kldb.testing.tiny_pipeline`), for tests;
-- ``"package.module:function"``: ``function()`` must return a :class:`~pipeline_kldb_boundary.KLDBBoundaryPipeline`;
+- ``"package.module:function"``: ``function()`` must return a :class:`~pipeline_kldb_boundary.KLDBBoundaryPipeline`
+  (tests use ``"kldb.testing:tiny_pipeline"``, tiny random components);
 - anything else: a local folder or a Hub model id, loaded with ``KLDBBoundaryPipeline.from_pretrained``.
 
 Classifier specs (``None`` keeps the pipeline's own classifier):
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kldb.errors import KLDBInputTypeError
 from pipeline_kldb_boundary import ImageClassifier, KLDBBoundaryPipeline, as_image_classifier
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"Expected argument `dtype` to be one of {list(DTYPES)} but got {dtype!r}.")
+
+
+def resolve_dtype(dtype: str, device: str | None = None) -> str:
+    """``dtype``, with ``"auto"`` made float16 on a CUDA device (or, without a device, when CUDA is available) and
+    float32 elsewhere.
+
+    Example:
+        >>> resolve_dtype("bfloat16"), resolve_dtype("auto", "cpu"), resolve_dtype("auto", "cuda:0")
+        ('bfloat16', 'float32', 'float16')
+    """
+    if dtype != "auto":
+        return dtype
+    on_gpu = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+    return "float16" if on_gpu else "float32"
 
 
 def _call_factory(spec: str, argument: str) -> Any:
@@ -73,36 +88,35 @@ def is_factory_spec(spec: str) -> bool:
 
 
 def load_pipeline(
-    spec: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+    spec: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", **kwargs: Any
 ) -> KLDBBoundaryPipeline:
-    """Build the :class:`KLDBBoundaryPipeline` named by ``spec`` (see the module docstring), on ``device``."""
+    """Build the :class:`KLDBBoundaryPipeline` named by ``spec`` (see the module docstring), on ``device``.
+
+    Every spec ends the same way: each torch module component whose weights are not in ``dtype`` (such as a UNet
+    stored in float16) is cast to it, and the pipeline is moved to ``device``. :func:`kldb.digits.load_pipeline` is
+    this function for a world folder. Further keyword arguments go to ``KLDBBoundaryPipeline.from_pretrained``.
+    """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"Expected argument `pipeline` to be a non-empty string but got {spec!r}.")
     torch_dtype = parse_dtype(dtype)
     if spec == "digits":
         from kldb import digits
 
-        pipe = digits.load_pipeline(torch_dtype=torch_dtype, device=device)
-    elif spec == "tiny":
-        from kldb.testing import tiny_pipeline
-
-        pipe = tiny_pipeline()
-    elif is_factory_spec(spec):
+        return digits.load_pipeline(torch_dtype=torch_dtype, device=device, **kwargs)  # the shipped world's folder
+    if is_factory_spec(spec):
         pipe = _call_factory(spec, "pipeline")
         if not isinstance(pipe, KLDBBoundaryPipeline):
-            raise TypeError(
+            raise KLDBInputTypeError(
                 f"Expected argument `pipeline` {spec!r} to return a KLDBBoundaryPipeline but it returned "
                 f"{type(pipe).__name__}."
             )
     else:
-        pipe = KLDBBoundaryPipeline.from_pretrained(spec, torch_dtype=torch_dtype)
-    if spec != "digits":
-        if pipe.dtype != torch_dtype:
-            pipe = pipe.to(dtype=torch_dtype)
-        pipe = pipe.to(device)
-    if getattr(pipe, "classifier", None) is not None and isinstance(pipe.classifier, torch.nn.Module):
-        pipe.classifier.to(device=device, dtype=torch_dtype)
-    return pipe
+        pipe = KLDBBoundaryPipeline.from_pretrained(spec, torch_dtype=torch_dtype, **kwargs)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module) and any(p.dtype != torch_dtype for p in module.parameters()):
+            logger.info("Casting %s to %s.", name, torch_dtype)
+            module.to(dtype=torch_dtype)
+    return pipe.to(device)
 
 
 def load_guidance_vae(
@@ -115,7 +129,7 @@ def load_guidance_vae(
     if is_factory_spec(spec):
         model = _call_factory(spec, "guidance_vae")
         if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "decode", None)):
-            raise TypeError(
+            raise KLDBInputTypeError(
                 f"Expected argument `guidance_vae` {spec!r} to return an autoencoder with a `decode` method but it "
                 f"returned {type(model).__name__}."
             )

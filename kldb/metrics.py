@@ -1,38 +1,31 @@
-"""Metrics of a finished sweep: the paper's KLDB and entropy statistics per setting, class agreement, FID.
+"""The statistics of the paper, as pure functions: numbers, arrays and tensors in, numbers out.
 
-Per setting (one class subset C, one alpha, one beta), over its images:
-
-- median and interquartile range (75th minus 25th percentile, linear interpolation) of KLDB and of the entropy of the
-  full softmax (nats), the paper's measures;
-- ``top_set_share``: the share of images whose |C| most probable classes are exactly C (the classifier hesitates
+- :func:`summary_statistics`: median and interquartile range (75th minus 25th percentile, linear interpolation), the
+  paper's summary of per-image KLDB and entropy; every median / IQR in kldb and its benchmarks comes from it;
+- :func:`top_set_is_classes`: whether an image's |C| most probable classes are exactly C (the classifier hesitates
   *between the audited classes*, not toward a third one);
-- ``mean_class_margin``: the mean, over images, of the gap between the two most probable classes of C
-  (``p_(1) - p_(2)`` among ``{p_i : i in C}``; 0 on the boundary; undefined for |C| = 1);
-- FID against real images of the audited classes, computed by torchmetrics' ``FrechetInceptionDistance`` on
-  features chosen by the user: the audited classifier's penultimate features (:class:`ClassifierFeatures`, offline,
-  the default) or InceptionV3 (through torch-fidelity, only with its weights in a local file).
+- :func:`class_margin`: the gap between the two most probable classes of C (``p_(1) - p_(2)`` among
+  ``{p_i : i in C}``; 0 on the boundary; undefined for |C| = 1);
+- FID computed by torchmetrics' ``FrechetInceptionDistance``, on features chosen by the user: the audited
+  classifier's penultimate features (:class:`ClassifierFeatures`, offline, the default) or InceptionV3 (through
+  torch-fidelity, only with its weights in a local file).
+
+What applies them to a run folder (statistics per setting, FID against reference images) is in :mod:`kldb.report`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 
-from kldb.sweep import CONFIG_NAME, iter_settings, read_manifest
-
-logger = logging.getLogger(__name__)
+from kldb.errors import KLDBInputError, KLDBInputTypeError, KLDBPathError
 
 FEATURE_KINDS = ("classifier", "inception")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -51,7 +44,7 @@ def summary_statistics(values: Sequence[float]) -> dict[str, float]:
     """
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0 or not np.isfinite(array).all():
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected argument `values` to be a non-empty 1-d sequence of finite numbers but got {values!r}."
         )
     q25, median, q75 = np.percentile(array, [25.0, 50.0, 75.0])
@@ -65,69 +58,33 @@ def summary_statistics(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def top_set_is_classes(record: dict[str, Any]) -> bool:
-    """Whether the |C| most probable classes of an image are exactly C (a manifest record)."""
-    classes = [int(c) for c in record["class_indices"]]
-    top = [int(c) for c in record["top_classes"]]
+def top_set_is_classes(top_classes: Sequence[int], classes: Sequence[int]) -> bool:
+    """Whether the |C| most probable classes of an image (``top_classes``, most probable first) are exactly C.
+
+    Example:
+        >>> top_set_is_classes([0, 2, 1], classes=[2, 0]), top_set_is_classes([0, 1, 2], classes=[2, 0])
+        (True, False)
+    """
+    classes = [int(c) for c in classes]
+    top = [int(c) for c in top_classes]
     if len(top) < len(classes):
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected the record's `top_classes` to hold at least |C| = {len(classes)} classes but got {top!r}."
         )
     return set(top[: len(classes)]) == set(classes)
 
 
-def class_margin(record: dict[str, Any]) -> float | None:
-    """``p_(1) - p_(2)``: the gap between the two most probable classes of C; ``None`` when |C| = 1."""
-    probabilities = sorted((float(p) for p in record["class_probabilities"]), reverse=True)
+def class_margin(class_probabilities: Sequence[float]) -> float | None:
+    """``p_(1) - p_(2)``: the gap between the two most probable classes of C; ``None`` when |C| = 1.
+
+    Example:
+        >>> round(class_margin([0.3, 0.5]), 6), class_margin([0.9])
+        (0.2, None)
+    """
+    probabilities = sorted((float(p) for p in class_probabilities), reverse=True)
     if len(probabilities) < 2:
         return None
     return probabilities[0] - probabilities[1]
-
-
-def setting_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row of statistics per setting of a run, in the order the settings first appear in ``records``."""
-    rows = []
-    for setting, group in iter_settings(records).items():
-        first = group[0]
-        scored = [r for r in group if r["kldb"] is not None and r["entropy"] is not None]
-        if not scored:
-            raise ValueError(
-                f"Expected setting {setting!r} to have at least one image with finite scores but it has none."
-            )
-        if len(scored) < len(group):
-            logger.warning(
-                "Setting %s: %d images without finite scores are left out.", setting, len(group) - len(scored)
-            )
-        kldb = summary_statistics([r["kldb"] for r in scored])
-        entropy = summary_statistics([r["entropy"] for r in scored])
-        margins = [m for m in (class_margin(r) for r in scored) if m is not None]
-        predicted: dict[str, int] = {}
-        for r in group:
-            predicted[r["predicted_label"]] = predicted.get(r["predicted_label"], 0) + 1
-        rows.append(
-            {
-                "setting": setting,
-                "classes": list(first["classes"]),
-                "class_indices": list(first["class_indices"]),
-                "alpha": float(first["alpha"]),
-                "beta": float(first["beta"]),
-                "n": len(group),
-                "n_scored": len(scored),
-                "median_kldb": kldb["median"],
-                "kldb_q25": kldb["q25"],
-                "kldb_q75": kldb["q75"],
-                "kldb_iqr": kldb["iqr"],
-                "mean_kldb": kldb["mean"],
-                "median_entropy": entropy["median"],
-                "entropy_q25": entropy["q25"],
-                "entropy_q75": entropy["q75"],
-                "entropy_iqr": entropy["iqr"],
-                "top_set_share": sum(top_set_is_classes(r) for r in scored) / len(scored),
-                "mean_class_margin": float(np.mean(margins)) if margins else None,
-                "predicted": dict(sorted(predicted.items(), key=lambda item: -item[1])),
-            }
-        )
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -139,7 +96,7 @@ def _classification_head(model: torch.nn.Module) -> torch.nn.Module:
     """The last ``nn.Linear`` of ``model``: the head whose input is the penultimate feature vector."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
-        raise ValueError(
+        raise KLDBInputError(
             f"Expected the classifier {type(model).__name__} to end in a torch.nn.Linear head but it has none; "
             "pass `layer=` (the module whose input is the feature vector)."
         )
@@ -167,7 +124,7 @@ class ClassifierFeatures(torch.nn.Module):
         self.adapter = as_image_classifier(classifier)
         model = self.adapter.model
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(
+            raise KLDBInputTypeError(
                 f"Expected the classifier to be a torch.nn.Module to take features from but got {type(model).__name__}."
             )
         self.layer = layer if layer is not None else _classification_head(model)
@@ -220,7 +177,7 @@ def frechet_distance(real_features: torch.Tensor | np.ndarray, fake_features: to
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or min(len(real), len(fake)) < 2:
-        raise ValueError(
+        raise KLDBInputError(
             "Expected arguments `real_features` and `fake_features` to be [N, d] arrays with the same d and N >= 2 "
             f"but got {tuple(real.shape)} and {tuple(fake.shape)}."
         )
@@ -238,7 +195,7 @@ def inception_fid_metric(weights_path: str | os.PathLike[str]) -> Any:
     """
     path = Path(weights_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise KLDBPathError(
             f"Expected argument `inception_weights` to be a local file with the FID InceptionV3 weights but got "
             f"{str(weights_path)!r} (no such file)."
         )
@@ -274,12 +231,14 @@ def fid(
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if (feature is None) == (inception_weights is None):
-        raise ValueError("Expected exactly one of the arguments `feature` and `inception_weights` but got "
+        raise KLDBInputError("Expected exactly one of the arguments `feature` and `inception_weights` but got "
                          f"{'both' if feature is not None else 'neither'}.")  # fmt: skip
     for name, images in (("real_images", real_images), ("fake_images", fake_images)):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or len(images) < 2:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"Expected argument `{name}` to be a [N >= 2, 3, H, W] tensor in [0, 1] but got {got}.")
+            raise KLDBInputError(
+                f"Expected argument `{name}` to be a [N >= 2, 3, H, W] tensor in [0, 1] but got {got}."
+            )
     if feature is not None:
         metric = FrechetInceptionDistance(feature=feature, normalize=True)
     else:
@@ -289,161 +248,3 @@ def fid(
             for start in range(0, len(images), batch_size):
                 metric.update(images[start : start + batch_size].float(), real=real)
     return float(metric.compute())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Images of a run and reference images
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_image(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """One image file as ``[3, H, W]`` in ``[0, 1]`` (RGB; resized bilinearly to ``size = (H, W)`` if given)."""
-    with PIL.Image.open(path) as image:
-        image = image.convert("RGB")
-        if size is not None and image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), PIL.Image.BILINEAR)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-def load_run_images(run_dir: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """The images of ``records`` as ``[N, 3, H, W]`` in ``[0, 1]``."""
-    out = Path(run_dir)
-    return torch.stack([load_image(out / r["file"]) for r in records])
-
-
-def reference_images(
-    reference: str | os.PathLike[str],
-    class_indices: Sequence[int],
-    labels: Sequence[str],
-    size: tuple[int, int],
-    limit: int | None = None,
-) -> torch.Tensor:
-    """Real images of the audited classes as ``[N, 3, H, W]`` in ``[0, 1]``, resized to ``size``.
-
-    Args:
-        reference: ``"digits"`` for the digits world's held-out test split, or a folder of images. A folder with one
-            subfolder per label name uses the subfolders of the classes in ``class_indices``; else every image in it.
-        class_indices: the audited classes C.
-        labels: the classifier's label names.
-        size: ``(H, W)`` of the generated images.
-        limit: at most this many images (the first ones in sorted order), or all.
-    """
-    if str(reference) == "digits":
-        from kldb.digits import load_digits_split
-
-        images, targets = load_digits_split("test")
-        keep = torch.isin(targets, torch.tensor(list(class_indices)))
-        images = images[keep]
-        if tuple(images.shape[-2:]) != tuple(size):
-            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        return images[:limit] if limit else images
-    folder = Path(reference)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Expected argument `reference` to be 'digits' or a folder of images but got {str(reference)!r}."
-        )
-    names = [labels[i] for i in class_indices]
-    subfolders = [folder / n for n in names if (folder / n).is_dir()]
-    roots = subfolders if subfolders else [folder]
-    files = sorted(p for root in roots for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if limit:
-        files = files[:limit]
-    if len(files) < 2:
-        raise ValueError(
-            f"Expected argument `reference` to hold at least 2 images of {names} but found {len(files)} in "
-            f"{str(folder)!r}."
-        )
-    return torch.stack([load_image(f, size) for f in files])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A whole run
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``sweep.json`` of a run folder."""
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Expected argument `run` to be a sweep folder with a {CONFIG_NAME} but got {str(run_dir)!r}."
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def run_classifier(run_dir: str | os.PathLike[str]) -> Any:
-    """The classifier a run was audited with (its classifier spec, else its pipeline's own classifier)."""
-    from kldb.loading import load_classifier, load_pipeline, pipeline_classifier
-
-    fixed = run_info(run_dir)["fixed"]
-    if fixed.get("classifier"):
-        return load_classifier(fixed["classifier"])
-    return pipeline_classifier(load_pipeline(fixed["pipeline"], dtype="float32"))
-
-
-def run_metrics(
-    run: str | os.PathLike[str],
-    reference: str | os.PathLike[str] | None = "digits",
-    feature: str = "classifier",
-    classifier: Any = None,
-    inception_weights: str | os.PathLike[str] | None = None,
-    reference_limit: int | None = None,
-) -> dict[str, Any]:
-    """Statistics of every setting of a run and, with a ``reference``, FID per setting.
-
-    Args:
-        run: a sweep folder.
-        reference: ``"digits"``, a folder of real images (see :func:`reference_images`), or ``None`` for no FID.
-        feature: ``"classifier"`` (penultimate features of the audited classifier) or ``"inception"``.
-        classifier: the classifier for the features; ``None`` loads the run's own (see :func:`run_classifier`).
-        inception_weights: local InceptionV3 weights file, for ``feature="inception"``.
-        reference_limit: use at most this many reference images per class subset.
-
-    Returns:
-        ``{"settings": [row, ...], "fid_feature": ..., "reference": ...}``; each row as :func:`setting_metrics`, plus
-        ``fid`` (``None`` without a reference).
-    """
-    if feature not in FEATURE_KINDS:
-        raise ValueError(f"Expected argument `feature` to be one of {list(FEATURE_KINDS)} but got {feature!r}.")
-    records = read_manifest(run)
-    if not records:
-        raise ValueError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
-    rows = setting_metrics(records)
-    for row in rows:
-        row["fid"] = None
-    if reference is not None:
-        if feature == "inception" and inception_weights is None:
-            raise ValueError(
-                "Expected argument `inception_weights` (a local file) with `feature='inception'` but got None."
-            )
-        labels = run_info(run).get("labels") or [str(i) for i in range(int(records[0]["num_classes"]))]
-        groups = iter_settings(records)
-        size = tuple(load_image(Path(run) / records[0]["file"]).shape[-2:])
-        extractor = None
-        if feature == "classifier":
-            extractor = ClassifierFeatures(classifier if classifier is not None else run_classifier(run), size)
-        from tqdm.auto import tqdm
-
-        cached: dict[tuple[int, ...], torch.Tensor] = {}
-        for row in tqdm(rows, desc="FID", unit="setting", leave=False):
-            group = groups[row["setting"]]
-            if len(group) < 2:
-                logger.warning("Setting %s has fewer than 2 images: no FID.", row["setting"])
-                continue
-            key = tuple(row["class_indices"])
-            if key not in cached:
-                cached[key] = reference_images(reference, key, labels, size, reference_limit)
-            fake = load_run_images(run, group)
-            row["fid"] = fid(cached[key], fake, feature=extractor, inception_weights=inception_weights)
-    return {
-        "run": str(run),
-        "fid_feature": feature if reference is not None else None,
-        "reference": str(reference) if reference is not None else None,
-        "settings": rows,
-    }
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """``value`` if it is a finite number, else ``None`` (JSON has no NaN)."""
-    return value if value is not None and math.isfinite(value) else None

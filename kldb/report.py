@@ -1,10 +1,20 @@
-"""The report of a finished sweep: the paper's Table 1, plots, the most ambiguous images and a model-card section.
+"""The report of a finished sweep: statistics per setting, the paper's Table 1, plots, the most ambiguous images and a
+model-card section.
+
+Per setting (one class subset C, one alpha, one beta), over its images (:func:`setting_metrics`, :func:`run_metrics`):
+
+- median and interquartile range of KLDB and of the entropy of the full softmax (nats), the paper's measures
+  (:func:`kldb.metrics.summary_statistics`);
+- ``top_set_share``: the share of images whose |C| most probable classes are exactly C;
+- ``mean_class_margin``: the mean gap between the two most probable classes of C (undefined for |C| = 1);
+- FID against real images of the audited classes, on the audited classifier's penultimate features (default) or
+  InceptionV3 (see :mod:`kldb.metrics`).
 
 :func:`write_report` writes, into ``<run>/report`` by default:
 
 - ``table1.md``, ``table1.csv``, ``table1.json``: for each class subset and beta, alpha = 0 (prompt-only) against the
   alpha > 0 with the lowest median KLDB: FID, median KLDB, median entropy and the relative KLDB change;
-- ``settings.csv``, ``metrics.json``: every setting's statistics (see :mod:`kldb.metrics`);
+- ``settings.csv``, ``metrics.json``: every setting's statistics;
 - ``kldb_distribution.png``: KLDB distribution per alpha, one panel per beta (and class subset);
 - ``median_kldb_vs_alpha.png``: median KLDB against alpha with the interquartile band, one line per beta;
 - ``ambiguous_images.png``: per setting, the images with the lowest KLDB, with their class probabilities;
@@ -23,12 +33,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kldb.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from kldb.metrics import run_metrics
-from kldb.sweep import iter_settings, read_manifest
+import numpy as np
+import torch
+
+from kldb.errors import KLDBInputError, KLDBPathError
+from kldb.io import atomic_write_bytes, atomic_write_json, atomic_write_text, load_image
+from kldb.metrics import (
+    FEATURE_KINDS,
+    ClassifierFeatures,
+    class_margin,
+    fid,
+    summary_statistics,
+    top_set_is_classes,
+)
+from kldb.runfolder import (
+    ImageRecord,
+    iter_settings,
+    load_run_images,
+    read_manifest,
+    run_classifier,
+    run_info,
+    run_labels,
+)
 
 logger = logging.getLogger(__name__)
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TABLE_FIELDS = (
     "classes",
     "beta",
@@ -65,7 +95,7 @@ SETTING_FIELDS = (
 
 
 def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's Table 1 from per-setting rows (see :func:`kldb.metrics.setting_metrics`).
+    """The paper's Table 1 from per-setting rows (see :func:`setting_metrics`).
 
     For each class subset and beta: the prompt-only row (alpha = 0) and the alpha > 0 with the lowest median KLDB
     (ties: the smaller alpha), with ``relative_kldb_change = (best - baseline) / baseline``. Without an alpha = 0
@@ -153,6 +183,165 @@ def to_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Statistics per setting, and FID against reference images
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def setting_metrics(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
+    """One row of statistics per setting of a run, in the order the settings first appear in ``records``."""
+    rows = []
+    for setting, group in iter_settings(records).items():
+        first = group[0]
+        scored = [r for r in group if r.kldb is not None and r.entropy is not None]
+        if not scored:
+            raise KLDBInputError(
+                f"Expected setting {setting!r} to have at least one image with finite scores but it has none."
+            )
+        if len(scored) < len(group):
+            logger.warning(
+                "Setting %s: %d images without finite scores are left out.", setting, len(group) - len(scored)
+            )
+        kldb = summary_statistics([r.kldb for r in scored])
+        entropy = summary_statistics([r.entropy for r in scored])
+        margins = [m for m in (class_margin(r.class_probabilities) for r in scored) if m is not None]
+        predicted: dict[str, int] = {}
+        for r in group:
+            predicted[r.predicted_label] = predicted.get(r.predicted_label, 0) + 1
+        rows.append(
+            {
+                "setting": setting,
+                "classes": list(first.classes),
+                "class_indices": list(first.class_indices),
+                "alpha": float(first.alpha),
+                "beta": float(first.beta),
+                "n": len(group),
+                "n_scored": len(scored),
+                "median_kldb": kldb["median"],
+                "kldb_q25": kldb["q25"],
+                "kldb_q75": kldb["q75"],
+                "kldb_iqr": kldb["iqr"],
+                "mean_kldb": kldb["mean"],
+                "median_entropy": entropy["median"],
+                "entropy_q25": entropy["q25"],
+                "entropy_q75": entropy["q75"],
+                "entropy_iqr": entropy["iqr"],
+                "top_set_share": sum(top_set_is_classes(r.top_classes, r.class_indices) for r in scored) / len(scored),
+                "mean_class_margin": float(np.mean(margins)) if margins else None,
+                "predicted": dict(sorted(predicted.items(), key=lambda item: -item[1])),
+            }
+        )
+    return rows
+
+
+def reference_images(
+    reference: str | os.PathLike[str],
+    class_indices: Sequence[int],
+    labels: Sequence[str],
+    size: tuple[int, int],
+    limit: int | None = None,
+) -> torch.Tensor:
+    """Real images of the audited classes as ``[N, 3, H, W]`` in ``[0, 1]``, resized to ``size``.
+
+    Args:
+        reference: ``"digits"`` for the digits world's held-out test split, or a folder of images. A folder with one
+            subfolder per label name uses the subfolders of the classes in ``class_indices``; else every image in it.
+        class_indices: the audited classes C.
+        labels: the classifier's label names.
+        size: ``(H, W)`` of the generated images.
+        limit: at most this many images (the first ones in sorted order), or all.
+    """
+    if str(reference) == "digits":
+        from kldb.digits import load_digits_split
+
+        images, targets = load_digits_split("test")
+        keep = torch.isin(targets, torch.tensor(list(class_indices)))
+        images = images[keep]
+        if tuple(images.shape[-2:]) != tuple(size):
+            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return images[:limit] if limit else images
+    folder = Path(reference)
+    if not folder.is_dir():
+        raise KLDBPathError(
+            f"Expected argument `reference` to be 'digits' or a folder of images but got {str(reference)!r}."
+        )
+    names = [labels[i] for i in class_indices]
+    subfolders = [folder / n for n in names if (folder / n).is_dir()]
+    roots = subfolders if subfolders else [folder]
+    files = sorted(p for root in roots for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if limit:
+        files = files[:limit]
+    if len(files) < 2:
+        raise KLDBInputError(
+            f"Expected argument `reference` to hold at least 2 images of {names} but found {len(files)} in "
+            f"{str(folder)!r}."
+        )
+    return torch.stack([load_image(f, size) for f in files])
+
+
+def run_metrics(
+    run: str | os.PathLike[str],
+    reference: str | os.PathLike[str] | None = "digits",
+    feature: str = "classifier",
+    classifier: Any = None,
+    inception_weights: str | os.PathLike[str] | None = None,
+    reference_limit: int | None = None,
+) -> dict[str, Any]:
+    """Statistics of every setting of a run and, with a ``reference``, FID per setting.
+
+    Args:
+        run: a sweep folder.
+        reference: ``"digits"``, a folder of real images (see :func:`reference_images`), or ``None`` for no FID.
+        feature: ``"classifier"`` (penultimate features of the audited classifier) or ``"inception"``.
+        classifier: the classifier for the features; ``None`` loads the run's own
+            (:func:`kldb.runfolder.run_classifier`).
+        inception_weights: local InceptionV3 weights file, for ``feature="inception"``.
+        reference_limit: use at most this many reference images per class subset.
+
+    Returns:
+        ``{"settings": [row, ...], "fid_feature": ..., "reference": ...}``; each row as :func:`setting_metrics`, plus
+        ``fid`` (``None`` without a reference).
+    """
+    if feature not in FEATURE_KINDS:
+        raise KLDBInputError(f"Expected argument `feature` to be one of {list(FEATURE_KINDS)} but got {feature!r}.")
+    records = read_manifest(run)
+    if not records:
+        raise KLDBInputError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+    rows = setting_metrics(records)
+    for row in rows:
+        row["fid"] = None
+    if reference is not None:
+        if feature == "inception" and inception_weights is None:
+            raise KLDBInputError(
+                "Expected argument `inception_weights` (a local file) with `feature='inception'` but got None."
+            )
+        labels = run_labels(run, records)
+        groups = iter_settings(records)
+        size = tuple(load_image(Path(run) / records[0].file).shape[-2:])
+        extractor = None
+        if feature == "classifier":
+            extractor = ClassifierFeatures(classifier if classifier is not None else run_classifier(run), size)
+        from tqdm.auto import tqdm
+
+        cached: dict[tuple[int, ...], torch.Tensor] = {}
+        for row in tqdm(rows, desc="FID", unit="setting", leave=False):
+            group = groups[row["setting"]]
+            if len(group) < 2:
+                logger.warning("Setting %s has fewer than 2 images: no FID.", row["setting"])
+                continue
+            key = tuple(row["class_indices"])
+            if key not in cached:
+                cached[key] = reference_images(reference, key, labels, size, reference_limit)
+            fake = load_run_images(run, group)
+            row["fid"] = fid(cached[key], fake, feature=extractor, inception_weights=inception_weights)
+    return {
+        "run": str(run),
+        "fid_feature": feature if reference is not None else None,
+        "reference": str(reference) if reference is not None else None,
+        "settings": rows,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg backend: no display needed)
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -175,13 +364,13 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_kldb_distribution(records: Sequence[dict[str, Any]]) -> bytes:
+def plot_kldb_distribution(records: Sequence[ImageRecord]) -> bytes:
     """Box plots of KLDB per alpha, one panel per (class subset, beta); PNG bytes."""
     plt = _pyplot()
     panels: dict[tuple[tuple[str, ...], float], dict[float, list[float]]] = {}
     for r in records:
-        panel = panels.setdefault((tuple(r["classes"]), float(r["beta"])), {})
-        panel.setdefault(float(r["alpha"]), []).append(float(r["kldb"]))
+        panel = panels.setdefault((tuple(r.classes), float(r.beta)), {})
+        panel.setdefault(float(r.alpha), []).append(float(r.kldb))
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, ((classes, beta), by_alpha) in zip(axes[0], panels.items()):
         alphas = sorted(by_alpha)
@@ -213,15 +402,15 @@ def plot_median_kldb_vs_alpha(rows: Sequence[dict[str, Any]]) -> bytes:
     return _figure_bytes(figure)
 
 
-def most_ambiguous(records: Sequence[dict[str, Any]], per_setting: int = 6) -> dict[str, list[dict[str, Any]]]:
+def most_ambiguous(records: Sequence[ImageRecord], per_setting: int = 6) -> dict[str, list[ImageRecord]]:
     """Per setting, the ``per_setting`` records with the lowest KLDB (ties: lower seed)."""
     return {
-        setting: sorted(group, key=lambda r: (r["kldb"], r["seed"]))[:per_setting]
+        setting: sorted(group, key=lambda r: (r.kldb, r.seed))[:per_setting]
         for setting, group in iter_settings(records).items()
     }
 
 
-def ambiguous_grid(run_dir: str | os.PathLike[str], records: Sequence[dict[str, Any]], per_setting: int = 6) -> bytes:
+def ambiguous_grid(run_dir: str | os.PathLike[str], records: Sequence[ImageRecord], per_setting: int = 6) -> bytes:
     """A captioned grid (PNG bytes): one row per setting, its most ambiguous images with KLDB and top probabilities."""
     import PIL.Image
 
@@ -232,10 +421,10 @@ def ambiguous_grid(run_dir: str | os.PathLike[str], records: Sequence[dict[str, 
     for setting, chosen in most_ambiguous(records, per_setting).items():
         images, captions = [], []
         for r in chosen:
-            with PIL.Image.open(out / r["file"]) as image:
+            with PIL.Image.open(out / r.file) as image:
                 images.append(image.convert("RGB"))
-            top = [f"{name} {p:.2f}" for name, p in zip(r["top_labels"][:2], r["top_probabilities"][:2])]
-            captions.append([f"KLDB {r['kldb']:.3f}", *top, f"seed {r['seed']}"])
+            top = [f"{name} {p:.2f}" for name, p in zip(r.top_labels[:2], r.top_probabilities[:2])]
+            captions.append([f"KLDB {r.kldb:.3f}", *top, f"seed {r.seed}"])
         rows.append((setting, images, captions))
     buffer = io.BytesIO()
     captioned_grid(rows).save(buffer, format="PNG")
@@ -248,7 +437,7 @@ def ambiguous_grid(run_dir: str | os.PathLike[str], records: Sequence[dict[str, 
 
 
 def model_card_section(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[ImageRecord],
     rows: Sequence[dict[str, Any]],
     table: Sequence[dict[str, Any]],
     info: dict[str, Any],
@@ -256,9 +445,9 @@ def model_card_section(
 ) -> str:
     """A Markdown section for the audited classifier's model card: what was tested, the numbers, the boundary images."""
     fixed = info.get("fixed", {})
-    subsets = sorted({tuple(r["classes"]) for r in records})
-    alphas = sorted({float(r["alpha"]) for r in records})
-    betas = sorted({float(r["beta"]) for r in records})
+    subsets = sorted({tuple(r.classes) for r in records})
+    alphas = sorted({float(r.alpha) for r in records})
+    betas = sorted({float(r.beta) for r in records})
     lines = [
         "## Decision-boundary stress test (KLDB-guided latent diffusion)",
         "",
@@ -266,7 +455,7 @@ def model_card_section(
         "",
         f"- {len(records)} synthetic images generated with the pipeline `{fixed.get('pipeline', 'unknown')}` "
         f"({fixed.get('num_inference_steps', '?')} k-LMS steps, KLDB guidance every "
-        f'{fixed.get("kldb_guidance_interval", "?")} steps), prompts such as "{records[0]["prompt"]}".',
+        f'{fixed.get("kldb_guidance_interval", "?")} steps), prompts such as "{records[0].prompt}".',
         f"- Class subsets audited: {', '.join(' / '.join(s) for s in subsets)}.",
         f"- Guidance strengths α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}, prompt scales β ∈ "
         f"{{{', '.join(f'{b:g}' for b in betas)}}}; α = 0 is prompt-only generation.",
@@ -293,10 +482,8 @@ def model_card_section(
     lines += ["| setting | image | KLDB | entropy | prediction | top probabilities |", "|---|---|---|---|---|---|"]
     for setting, chosen in most_ambiguous(records, per_setting).items():
         for r in chosen:
-            top = ", ".join(f"{n} {p:.2f}" for n, p in zip(r["top_labels"][:3], r["top_probabilities"][:3]))
-            lines.append(
-                f"| {setting} | `{r['file']}` | {r['kldb']:.4f} | {r['entropy']:.4f} | {r['predicted_label']} | {top} |"
-            )
+            top = ", ".join(f"{n} {p:.2f}" for n, p in zip(r.top_labels[:3], r.top_probabilities[:3]))
+            lines.append(f"| {setting} | `{r.file}` | {r.kldb:.4f} | {r.entropy:.4f} | {r.predicted_label} | {top} |")
     lines += ["", "Predicted classes per setting:", ""]
     for row in rows:
         mix = ", ".join(f"{k}: {v}" for k, v in row["predicted"].items())
@@ -334,22 +521,20 @@ def write_report(
     Args:
         run: a sweep folder.
         out_dir: where to write (default ``<run>/report``).
-        metrics: the result of :func:`kldb.metrics.run_metrics`, if already computed.
+        metrics: the result of :func:`run_metrics`, if already computed.
         per_setting: images per setting in the grid of most ambiguous images.
-        **metric_kwargs: passed to :func:`kldb.metrics.run_metrics` (``reference``, ``feature``, ...).
+        **metric_kwargs: passed to :func:`run_metrics` (``reference``, ``feature``, ...).
 
     Returns:
         ``{"table": [...], "settings": [...], "files": {name: path}}``.
     """
-    from kldb.metrics import run_info
-
     run = Path(run)
     out = Path(out_dir) if out_dir is not None else run / "report"
     if not isinstance(per_setting, int) or isinstance(per_setting, bool) or per_setting < 1:
-        raise ValueError(f"Expected argument `per_setting` to be a positive integer but got {per_setting!r}.")
+        raise KLDBInputError(f"Expected argument `per_setting` to be a positive integer but got {per_setting!r}.")
     records = read_manifest(run)
     if not records:
-        raise ValueError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+        raise KLDBInputError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
     info = run_info(run)
     metrics = metrics if metrics is not None else run_metrics(run, **metric_kwargs)
     rows = metrics["settings"]

@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 
 from kldb.io import atomic_write_json, save_png
-from kldb.sweep import CONFIG_NAME, ManifestWriter, Setting, image_relpath, merge_manifests
+from kldb.runfolder import CONFIG_NAME, ManifestWriter, Setting, image_relpath, merge_manifests, read_jsonl
 from pipeline_kldb_boundary import entropy, kldb_score
 
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -25,7 +25,10 @@ def write_run(out: Path, seeds: int = 6, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     atomic_write_json(
         out / CONFIG_NAME,
-        {"fixed": {"pipeline": "tiny", "classifier": None, "num_inference_steps": 4}, "labels": LABELS},
+        {
+            "fixed": {"pipeline": "kldb.testing:tiny_pipeline", "classifier": None, "num_inference_steps": 4},
+            "labels": LABELS,
+        },
     )
     order = []
     with ManifestWriter(out / "manifest.rank0.jsonl") as writer:
@@ -63,8 +66,6 @@ def write_run(out: Path, seeds: int = 6, seed: int = 0) -> list[dict]:
                     writer.append(record)
                     order.append(setting.key(s))
     merge_manifests(out, order)
-    from kldb.sweep import read_jsonl
-
     return read_jsonl(out / "manifest.jsonl")
 
 

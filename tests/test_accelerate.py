@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_sweep import _environment, assert_complete, config
 
-from kldb.sweep import read_jsonl, record_key
+from kldb.runfolder import read_jsonl, record_key
 
 
 def free_port() -> int:
@@ -31,7 +31,7 @@ def launch(out: Path, seeds: int) -> subprocess.CompletedProcess:
     command = [
         accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "kldb.cli", "sweep", "--out", str(out), "--pipeline", "tiny", "--classes", "three", "two",
+        "-m", "kldb.cli", "sweep", "--out", str(out), "--pipeline", "kldb.testing:tiny_pipeline", "--classes", "three", "two",
         "--alphas", "0", "0.3", "--betas", "3", "--num-images", str(seeds), "--steps", "4", "--interval", "2",
         "--batch-size", "2", "--no-progress", "--device", "cpu",
     ]  # fmt: skip

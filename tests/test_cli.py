@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kldb import cli, sweep
+from kldb import cli, runfolder, sweep
 from kldb.presets import PAPER_ALPHAS, PAPER_BETAS, PAPER_NEGATIVE_PROMPT, get_preset
 
-TINY = ["--pipeline", "tiny", "--classes", "three", "two", "--steps", "4", "--interval", "2", "--batch-size", "2"]
+TINY = ["--pipeline", "kldb.testing:tiny_pipeline", "--classes", "three", "two", "--steps", "4", "--interval", "2",
+        "--batch-size", "2"]  # fmt: skip
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -73,10 +74,11 @@ def test_paper_preset():
 
 
 def test_command_line_overrides_the_preset():
-    args = parse("generate", "--out", "x", "--preset", "paper", "--pipeline", "tiny", "--alpha", "0.3", "--no-karras",
+    args = parse("generate", "--out", "x", "--preset", "paper", "--pipeline", "kldb.testing:tiny_pipeline", "--alpha", "0.3", "--no-karras",
                  "--classes", "3", "2", "--num-images", "2", "--seed", "5")  # fmt: skip
     config = cli.sweep_config_from_args(args, grid=False)
-    assert config.pipeline == "tiny" and config.classifier is None  # a pipeline given: its own classifier
+    # a pipeline given: its own classifier
+    assert config.pipeline == "kldb.testing:tiny_pipeline" and config.classifier is None
     assert config.alphas == [0.3] and config.betas == [get_preset("paper").beta]
     assert config.use_karras_sigmas is False and config.class_subsets == [[3, 2]] and config.seeds == [5, 6]
 
@@ -99,7 +101,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["--interval", "9"], "Expected argument `kldb_guidance_interval` to be at most num_inference_steps=4 but got 9"),
         (["--batch-size", "0"], "Expected argument `batch_size` to be a positive integer but got 0"),
         (["--guidance-rescale", "2"], "Expected argument `guidance_rescale` to be a number in [0, 1] but got 2.0"),
-        (["--height", "33"], "Expected argument `height` to be None or a positive multiple of 8 but got 33"),
+        (["--height", "33"], "`height` and `width` have to be divisible by the VAE factor 2 but are 33 and 32."),
         (["--classes", "three", "eleven"], "`classes` contains 'eleven', which is not among the classifier's labels"),
         (["--classes", "three", "three"], "Expected argument `classes` to be a non-empty sequence of distinct ints in [0, 4) but got [3, 3]"),
         (["--classes", "3", "7"], "Expected argument `classes` to be a non-empty sequence of distinct ints in [0, 4) but got [3, 7]"),
@@ -136,7 +138,7 @@ def test_generate_sweep_report_compare(tmp_path, capsys):
     status, out, _ = run_cli(capsys, "generate", "--out", str(tmp_path / "one"), *TINY, "--alpha", "0.3", "--beta", "3",
                              "--num-images", "3", "--no-progress")  # fmt: skip
     assert status == 0 and "| three+two_alpha0.3_beta3.0 | 3 |" in out
-    assert len(sweep.read_jsonl(tmp_path / "one" / "manifest.jsonl")) == 3
+    assert len(runfolder.read_jsonl(tmp_path / "one" / "manifest.jsonl")) == 3
 
     run = tmp_path / "grid"
     status, out, _ = run_cli(capsys, "sweep", "--out", str(run), *TINY, "--alphas", "0", "0.3", "--betas", "3",
@@ -145,7 +147,7 @@ def test_generate_sweep_report_compare(tmp_path, capsys):
     # the reference images for FID: real images of the classes, one folder per class name
     for name in ("three", "two"):
         (tmp_path / "real" / name).mkdir(parents=True)
-        for i, record in enumerate(sweep.read_jsonl(run / "manifest.jsonl")[:3]):
+        for i, record in enumerate(runfolder.read_jsonl(run / "manifest.jsonl")[:3]):
             shutil.copy(run / record["file"], tmp_path / "real" / name / f"{i}.png")
     status, out, _ = run_cli(capsys, "report", str(run), "--reference", str(tmp_path / "real"), "--per-setting", "2")
     assert status == 0 and "| three / two | 3 | 0 |" in out
@@ -190,7 +192,7 @@ def test_full_disk_stops_with_a_clear_message(tmp_path, capsys, monkeypatch):
     def write(writer, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sweep.ManifestWriter, "_write", write)
+    monkeypatch.setattr(runfolder.ManifestWriter, "_write", write)
     status, _, err = run_cli(
         capsys, "sweep", "--out", str(tmp_path / "run"), *TINY, "--alphas", "0", "--num-images", "2"
     )

@@ -9,8 +9,9 @@ import scipy.stats
 import torch
 
 from kldb.compare import compare_run
-from kldb.metrics import load_image
-from kldb.sweep import SweepConfig, read_jsonl, run_sweep
+from kldb.io import load_image
+from kldb.runfolder import read_jsonl
+from kldb.sweep import SweepConfig, run_sweep
 from kldb.testing import tiny_classifier
 from pipeline_kldb_boundary import as_image_classifier
 
@@ -19,7 +20,7 @@ from pipeline_kldb_boundary import as_image_classifier
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "run"
     run_sweep(
-        SweepConfig(out, pipeline="tiny", class_subsets=[["three", "two"], ["zero", "one", "two"]], alphas=[0.0, 0.4],
+        SweepConfig(out, pipeline="kldb.testing:tiny_pipeline", class_subsets=[["three", "two"], ["zero", "one", "two"]], alphas=[0.0, 0.4],
                     betas=[3.0], seeds=list(range(4)), num_inference_steps=4, kldb_guidance_interval=2, batch_size=4),
         progress=False,
     )  # fmt: skip

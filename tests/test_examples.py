@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from kldb import digits, examples_support
-from kldb.examples_support import TINY_ENV, tiny_digits_pipeline, tiny_mode
+from kldb import demo, digits, examples_support
+from kldb.demo import tiny_digits_pipeline
+from kldb.examples_support import TINY_ENV, tiny_mode
 from kldb.hub import CARD_REPO_ID, MODEL_CARD_PATH, export_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,7 +218,7 @@ def test_gpu_examples_say_so_without_a_gpu(monkeypatch):
 def test_digits_example_without_the_world(monkeypatch, tmp_path):
     monkeypatch.setattr(digits, "WORLD_PATH", tmp_path / "world")
     with pytest.raises(FileNotFoundError, match=r"The digits world is not trained yet .* or set KLDB_EXAMPLES_TINY=1"):
-        examples_support.digits_pipeline(tiny=False)
+        demo.digits_pipeline(tiny=False)
 
 
 def test_label_names(tiny_pipe, brightness_classifier):

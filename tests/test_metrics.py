@@ -13,8 +13,10 @@ import torch
 import torchvision
 from sweep_fixtures import LABELS, write_run
 
-from kldb import metrics
-from kldb.metrics import ClassifierFeatures, frechet_distance, setting_metrics, summary_statistics
+from kldb import metrics, report
+from kldb.metrics import ClassifierFeatures, frechet_distance, summary_statistics
+from kldb.report import setting_metrics
+from kldb.runfolder import ImageRecord
 from kldb.testing import tiny_classifier
 from pipeline_kldb_boundary import ImageClassifier, as_image_classifier
 
@@ -40,7 +42,7 @@ def test_summary_statistics_refuses_bad_values(values):
 
 def test_setting_metrics_match_the_manifest(tmp_path):
     records = write_run(tmp_path / "run")
-    rows = setting_metrics(records)
+    rows = setting_metrics([ImageRecord.from_json(r) for r in records])
     assert [(r["beta"], r["alpha"]) for r in rows] == [(b, a) for b in (3.0, 6.0) for a in (0.0, 0.1, 0.5)]
     for row in rows:
         group = [r for r in records if r["setting"] == row["setting"]]
@@ -65,19 +67,19 @@ def test_setting_metrics_match_the_manifest(tmp_path):
 def test_images_without_finite_scores_are_left_out(tmp_path):
     records = write_run(tmp_path / "run", seeds=5)[:5]
     records[0] = {**records[0], "kldb": None, "entropy": None}
-    row = setting_metrics(records)[0]
+    row = setting_metrics([ImageRecord.from_json(r) for r in records])[0]
     assert (row["n"], row["n_scored"]) == (5, 4)
     assert row["median_kldb"] == pytest.approx(statistics.median(r["kldb"] for r in records[1:]))
 
 
 def test_top_set_and_margin_by_hand():
     record = {"class_indices": [2, 0], "top_classes": [0, 2, 1], "class_probabilities": [0.3, 0.5]}
-    assert metrics.top_set_is_classes(record) is True
-    assert metrics.class_margin(record) == pytest.approx(0.2)
-    assert metrics.top_set_is_classes({**record, "top_classes": [0, 1, 2]}) is False
-    assert metrics.class_margin({"class_probabilities": [0.9]}) is None
+    assert metrics.top_set_is_classes(record["top_classes"], record["class_indices"]) is True
+    assert metrics.class_margin(record["class_probabilities"]) == pytest.approx(0.2)
+    assert metrics.top_set_is_classes([0, 1, 2], record["class_indices"]) is False
+    assert metrics.class_margin([0.9]) is None
     with pytest.raises(ValueError, match=r"Expected the record's `top_classes` to hold at least \|C\| = 2 classes"):
-        metrics.top_set_is_classes({**record, "top_classes": [0]})
+        metrics.top_set_is_classes([0], record["class_indices"])
 
 
 def gaussian_sample(mean: np.ndarray, cov: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -206,14 +208,14 @@ def test_run_metrics_with_a_reference_folder(tmp_path):
             (tmp_path / "real" / name).mkdir(parents=True, exist_ok=True)
             PIL.Image.fromarray(pixels).save(tmp_path / "real" / name / f"{i}.png")
     model, processor = tiny_classifier(num_labels=10)
-    result = metrics.run_metrics(
+    result = report.run_metrics(
         tmp_path / "run", reference=tmp_path / "real", classifier=as_image_classifier(model, processor)
     )
     assert result["fid_feature"] == "classifier"
     assert [row["setting"] for row in result["settings"]] == list(dict.fromkeys(r["setting"] for r in records))
     assert all(np.isfinite(row["fid"]) and row["fid"] >= -1e-9 for row in result["settings"])
     # the reference is the 6 images of "three" and "eight", not "five"
-    reference = metrics.reference_images(tmp_path / "real", [3, 8], LABELS, (32, 32))
+    reference = report.reference_images(tmp_path / "real", [3, 8], LABELS, (32, 32))
     assert reference.shape == (6, 3, 32, 32)
 
 
@@ -222,14 +224,14 @@ def test_run_metrics_errors(tmp_path):
     with pytest.raises(
         ValueError, match=r"Expected argument `feature` to be one of \['classifier', 'inception'\] but got 'vgg'"
     ):
-        metrics.run_metrics(tmp_path / "run", feature="vgg")
+        report.run_metrics(tmp_path / "run", feature="vgg")
     with pytest.raises(FileNotFoundError, match="Expected argument `reference` to be 'digits' or a folder of images"):
-        metrics.run_metrics(
+        report.run_metrics(
             tmp_path / "run",
             reference=tmp_path / "nowhere",
             classifier=as_image_classifier(*tiny_classifier(num_labels=10)),
         )
     with pytest.raises(ValueError, match=r"Expected argument `inception_weights` \(a local file\)"):
-        metrics.run_metrics(tmp_path / "run", feature="inception")
-    result = metrics.run_metrics(tmp_path / "run", reference=None)
+        report.run_metrics(tmp_path / "run", feature="inception")
+    result = report.run_metrics(tmp_path / "run", reference=None)
     assert all(row["fid"] is None for row in result["settings"])

@@ -10,8 +10,7 @@ import PIL.Image
 import pytest
 from sweep_fixtures import ALPHAS, BETAS, write_run
 
-from kldb.metrics import run_metrics
-from kldb.report import table1, write_report
+from kldb.report import run_metrics, table1, write_report
 
 
 @pytest.fixture

@@ -16,11 +16,12 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from kldb import sweep
-from kldb.sweep import SweepConfig, SweepDiskFullError, load_records, read_jsonl, record_key, run_sweep
+from kldb import runfolder, sweep
+from kldb.runfolder import ImageRecord, SweepDiskFullError, load_records, read_jsonl, record_key
+from kldb.sweep import SweepConfig, run_sweep
 
 SMALL = {
-    "pipeline": "tiny",
+    "pipeline": "kldb.testing:tiny_pipeline",
     "class_subsets": [["three", "two"]],
     "alphas": [0.0, 0.3],
     "betas": [3.0],
@@ -42,8 +43,8 @@ def expected_keys(cfg: SweepConfig) -> set[tuple]:
 
 def complete_lines(out: Path) -> list[dict]:
     """All complete manifest lines of a run folder (merged manifest and parts), duplicates included."""
-    records = read_jsonl(out / sweep.MANIFEST_NAME)
-    for part in sweep.manifest_parts(out):
+    records = read_jsonl(out / runfolder.MANIFEST_NAME)
+    for part in runfolder.manifest_parts(out):
         records += read_jsonl(part)
     return records
 
@@ -59,10 +60,10 @@ def assert_consistent(out: Path) -> list[dict]:
         with PIL.Image.open(path) as image:
             image.load()  # decodes every chunk: a truncated PNG raises here
             assert image.text["seed"] == str(record["seed"])
-    for png in (out / sweep.IMAGES_DIR).rglob("*.png"):  # also the PNGs whose line was not written yet
+    for png in (out / runfolder.IMAGES_DIR).rglob("*.png"):  # also the PNGs whose line was not written yet
         with PIL.Image.open(png) as image:
             image.load()
-    merged = out / sweep.MANIFEST_NAME
+    merged = out / runfolder.MANIFEST_NAME
     if merged.exists() and merged.stat().st_size:
         assert merged.read_bytes().endswith(b"\n"), "manifest.jsonl is only ever replaced whole"
     return records
@@ -72,7 +73,7 @@ def assert_complete(out: Path, cfg: SweepConfig) -> list[dict]:
     records = assert_consistent(out)
     assert {record_key(r) for r in records} == expected_keys(cfg)
     assert len(records) == len(expected_keys(cfg))
-    assert not sweep.manifest_parts(out), "parts are merged into manifest.jsonl at the end"
+    assert not runfolder.manifest_parts(out), "parts are merged into manifest.jsonl at the end"
     assert not list(out.rglob(".*.tmp")), "no temporary file is left behind"
     return records
 
@@ -134,7 +135,7 @@ def test_recovery_drops_partial_line_and_temporary_files(tmp_path):
     (out / "manifest.rank0.jsonl").write_bytes(lines[2] + lines[3][: len(lines[3]) // 2])
     orphan = out / "images" / "three+two_alpha0.3_beta3.0" / ".seed000001.png.abc123.tmp"
     orphan.write_bytes(b"\x89PNG half")
-    assert sweep.recover(out) == {"partial_lines_dropped": 1, "temporary_files_deleted": 1}
+    assert runfolder.recover(out) == {"partial_lines_dropped": 1, "temporary_files_deleted": 1}
     assert (out / "manifest.rank0.jsonl").read_bytes() == lines[2]
     assert not orphan.exists()
     result = run_sweep(cfg, progress=False)
@@ -145,7 +146,7 @@ def test_recovery_drops_partial_line_and_temporary_files(tmp_path):
 def sweep_command(out: Path, seeds: int) -> list[str]:
     """The `kldb sweep` command line of :func:`config` (tiny components), as a real user would type it."""
     return [
-        sys.executable, "-m", "kldb.cli", "sweep", "--out", str(out), "--pipeline", "tiny", "--classes", "three", "two",
+        sys.executable, "-m", "kldb.cli", "sweep", "--out", str(out), "--pipeline", "kldb.testing:tiny_pipeline", "--classes", "three", "two",
         "--alphas", "0", "0.3", "--betas", "3", "--num-images", str(seeds), "--steps", "4", "--interval", "2",
         "--batch-size", "2", "--no-progress",
     ]  # fmt: skip
@@ -158,7 +159,8 @@ def _environment() -> dict[str, str]:
 
 
 def _lines_written(out: Path) -> int:
-    return sum(p.read_bytes().count(b"\n") for p in [out / "manifest.jsonl", *sweep.manifest_parts(out)] if p.exists())
+    parts = [out / "manifest.jsonl", *runfolder.manifest_parts(out)]
+    return sum(p.read_bytes().count(b"\n") for p in parts if p.exists())
 
 
 @pytest.mark.slow
@@ -218,7 +220,7 @@ def full_disk_after(allowed: int, original):
 def test_full_disk_while_appending_a_manifest_line(tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config(out, seeds=3)
-    monkeypatch.setattr(sweep.ManifestWriter, "_write", full_disk_after(2, sweep.ManifestWriter._write))
+    monkeypatch.setattr(runfolder.ManifestWriter, "_write", full_disk_after(2, runfolder.ManifestWriter._write))
     with pytest.raises(
         SweepDiskFullError, match=r"No space left on the device while writing .*manifest\.rank0\.jsonl"
     ):
@@ -290,7 +292,7 @@ def test_resume_with_other_image_settings_is_refused(tmp_path):
         ({"guidance_vae": " "}, r"Expected argument `guidance_vae` to be None or a non-empty string .* but got ' '"),
         ({"guidance_rescale": 1.5}, r"Expected argument `guidance_rescale` to be a number in \[0, 1\] but got 1.5"),
         ({"timestep_spacing": "fast"}, r"Expected argument `timestep_spacing` to be None or one of"),
-        ({"height": 30}, r"Expected argument `height` to be None or a positive multiple of 8 but got 30"),
+        ({"height": 31}, r"`height` and `width` have to be divisible by the VAE factor 2 but are 31 and 32\."),
         ({"prompt": ""}, r"Expected argument `prompt` to be None or a non-empty string but got ''"),
         ({"pipeline": ""}, r"Expected argument `pipeline` to be a non-empty string but got ''"),
         ({"dtype": "float8"}, r"Expected argument `dtype` to be one of .* but got 'float8'"),
@@ -318,13 +320,13 @@ def test_load_records_keeps_the_first_line_of_a_key(tmp_path):
     line = (out / "manifest.jsonl").read_bytes().splitlines(keepends=True)[0]
     (out / "manifest.rank1.jsonl").write_bytes(line)
     assert len(load_records(out)) == 2
-    sweep.merge_manifests(out)
-    assert len(read_jsonl(out / "manifest.jsonl")) == 2 and not sweep.manifest_parts(out)
+    runfolder.merge_manifests(out)
+    assert len(read_jsonl(out / "manifest.jsonl")) == 2 and not runfolder.manifest_parts(out)
 
 
 def test_manifest_writer_keeps_a_complete_line_and_cuts_a_partial_one(tmp_path, monkeypatch):
     path = tmp_path / "manifest.rank0.jsonl"
-    original = sweep.ManifestWriter._write
+    original = runfolder.ManifestWriter._write
 
     def interrupted_after_write(writer, data):  # Ctrl-C arrives after the line is written, during fsync
         original(writer, data)
@@ -334,12 +336,12 @@ def test_manifest_writer_keeps_a_complete_line_and_cuts_a_partial_one(tmp_path, 
         writer._file.write(data[:5])
         raise KeyboardInterrupt
 
-    with sweep.ManifestWriter(path) as writer:
+    with runfolder.ManifestWriter(path) as writer:
         writer.append({"n": 1})
-        monkeypatch.setattr(sweep.ManifestWriter, "_write", interrupted_after_write)
+        monkeypatch.setattr(runfolder.ManifestWriter, "_write", interrupted_after_write)
         with pytest.raises(KeyboardInterrupt):
             writer.append({"n": 2})
-        monkeypatch.setattr(sweep.ManifestWriter, "_write", interrupted_mid_write)
+        monkeypatch.setattr(runfolder.ManifestWriter, "_write", interrupted_mid_write)
         with pytest.raises(KeyboardInterrupt):
             writer.append({"n": 3})
     assert read_jsonl(path) == [{"n": 1}, {"n": 2}]
@@ -347,7 +349,7 @@ def test_manifest_writer_keeps_a_complete_line_and_cuts_a_partial_one(tmp_path, 
 
 
 def test_a_classifier_with_nan_logits_gives_null_scores_not_a_crash(tmp_path, caplog):
-    from kldb.metrics import setting_metrics
+    from kldb.report import setting_metrics
 
     out = tmp_path / "run"
     result = run_sweep(config(out, seeds=2, classifier="sweep_fixtures:nan_classifier"), progress=False)
@@ -356,7 +358,7 @@ def test_a_classifier_with_nan_logits_gives_null_scores_not_a_crash(tmp_path, ca
     assert all(r["kldb"] is None and r["entropy"] is None for r in records)
     assert "Non-finite KLDB (nan)" in caplog.text
     with pytest.raises(ValueError, match="to have at least one image with finite scores but it has none"):
-        setting_metrics(records)
+        setting_metrics([ImageRecord.from_json(r) for r in records])
 
 
 def test_guidance_vae_is_given_to_the_pipeline_and_recorded(tmp_path):

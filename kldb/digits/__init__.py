@@ -40,10 +40,11 @@ def load_pipeline(
 ) -> KLDBBoundaryPipeline:
     """Load the digits world (by default the shipped one) as a `KLDBBoundaryPipeline` with its classifier, offline.
 
-    Every module is cast to `torch_dtype` (the UNet is stored in float16) and moved to `device`; further keyword
-    arguments go to `KLDBBoundaryPipeline.from_pretrained`.
+    This is :func:`kldb.loading.load_pipeline` for the folder, offline (``local_files_only``): every module is cast to
+    `torch_dtype` (the UNet is stored in float16) and moved to `device`; further keyword arguments go to
+    `KLDBBoundaryPipeline.from_pretrained`.
     """
-    from pipeline_kldb_boundary import KLDBBoundaryPipeline
+    from kldb.loading import load_pipeline as load_spec
 
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
@@ -51,9 +52,4 @@ def load_pipeline(
             f"No `model_index.json` in {str(folder)!r}; train the world with `python -m kldb.digits.train --out {folder}`."
         )
     kwargs.setdefault("local_files_only", True)
-    pipeline = KLDBBoundaryPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
-    for name, module in pipeline.components.items():
-        if isinstance(module, torch.nn.Module) and next(module.parameters()).dtype != torch_dtype:
-            logger.info("Casting %s to %s.", name, torch_dtype)
-            module.to(dtype=torch_dtype)
-    return pipeline.to(device)
+    return load_spec(str(folder.resolve()), device=device, dtype=torch_dtype, **kwargs)  # a path, never a spec name

@@ -8,7 +8,6 @@ penultimate feature space, and the paper's Table 1 on this world (prompt "three 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,15 +21,18 @@ from tqdm.auto import tqdm
 from kldb.digits import WORLD_PATH, load_pipeline, world_info
 from kldb.digits.calibration import expected_calibration_error
 from kldb.digits.data import LABELS, load_digits_split
-from kldb.metrics import frechet_distance
-from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS
+from kldb.io import atomic_write_json, atomic_write_text
+from kldb.metrics import frechet_distance, summary_statistics
+from kldb.noise import initial_noise
+from kldb.presets import PAPER_ALPHAS, PAPER_BETAS, PRESETS
+from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS, class_prompt
 
 logger = logging.getLogger(__name__)
 
-TABLE_PROMPT = "three and eight"
-TABLE_CLASSES: tuple[int, ...] = (3, 8)
-TABLE_BETAS: tuple[float, ...] = (3.0, 6.0, 9.0)
-TABLE_ALPHAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0)
+TABLE_CLASSES: tuple[int, ...] = tuple(LABELS.index(name) for name in PRESETS["digits"].classes)  # (3, 8)
+TABLE_PROMPT = class_prompt(LABELS, TABLE_CLASSES)  # "three and eight"
+TABLE_BETAS: tuple[float, ...] = PAPER_BETAS
+TABLE_ALPHAS: tuple[float, ...] = PAPER_ALPHAS
 FID_TOLERANCE = 0.10
 
 
@@ -77,11 +79,7 @@ def generate(
     **kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """Images and scores from fixed initial latents (the same `seed` gives the same latents in every setting)."""
-    latent_size = pipeline.unet.config.sample_size
-    latents = torch.randn(
-        (num_images, pipeline.unet.config.in_channels, latent_size, latent_size),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    latents = initial_noise(pipeline, num_images, torch.Generator().manual_seed(seed))
     outputs: dict[str, list[torch.Tensor]] = {"images": [], "kldb": [], "entropy": [], "predicted_class": []}
     for start in range(0, num_images, batch_size):
         chunk = latents[start : start + batch_size]
@@ -221,15 +219,15 @@ def evaluate_table(
                 kldb_guidance_scale=alpha, kldb_guidance_interval=interval, kldb_gradient=kldb_gradient,
                 kldb_guidance_decoder=kldb_guidance_decoder,
             )  # fmt: skip
-            kldb = result["kldb"].double().numpy()
+            kldb = summary_statistics(result["kldb"].double().tolist())
             predicted = result["predicted_class"]
             row = {
                 "beta": beta,
                 "alpha": alpha,
-                "median_kldb": float(np.median(kldb)),
-                "kldb_q25": float(np.quantile(kldb, 0.25)),
-                "kldb_q75": float(np.quantile(kldb, 0.75)),
-                "median_entropy": float(np.median(result["entropy"].double().numpy())),
+                "median_kldb": kldb["median"],
+                "kldb_q25": kldb["q25"],
+                "kldb_q75": kldb["q75"],
+                "median_entropy": summary_statistics(result["entropy"].double().tolist())["median"],
                 "fid": frechet_distance(probe.features(result["images"]), real_features),
                 "fid_pixels": frechet_distance(digit_pixels(result["images"]), real_pixels),
                 "fraction_predicted_in_classes": float(
@@ -359,8 +357,8 @@ def results_markdown(info: dict[str, Any]) -> str:
 
 
 def write_results(path: Path, info: dict[str, Any]) -> None:
-    (path / "world_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    (path / "RESULTS.md").write_text(results_markdown(info), encoding="utf-8")
+    atomic_write_json(path / "world_info.json", info)
+    atomic_write_text(path / "RESULTS.md", results_markdown(info))
 
 
 def evaluate_world(

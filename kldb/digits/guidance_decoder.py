@@ -36,7 +36,9 @@ from diffusers import AutoencoderKL, AutoencoderTiny, LMSDiscreteScheduler, UNet
 from tqdm.auto import tqdm
 
 from kldb.digits.data import LABELS, augment, load_digits_split
-from kldb.digits.train import count_parameters, folder_size_bytes, setup_process
+from kldb.digits.util import count_parameters, folder_size_bytes, setup_process
+from kldb.io import atomic_write_json
+from pipeline_kldb_boundary import as_image_classifier, class_prompt, kldb_score
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +92,16 @@ def build_guidance_vae(config: GuidanceDecoderConfig, latent_channels: int, leve
 
 
 def _captions(labels: torch.Tensor, rng: random.Random) -> list[str]:
-    """One digit or a pair containing it (the prompts the pipeline builds), per label."""
+    """One digit or a pair containing it (the paper's prompt, as the pipeline builds it), per label."""
     captions = []
     for label in labels.tolist():
         if rng.random() < 0.5:
             captions.append(LABELS[label])
         else:
             other = rng.choice([d for d in range(len(LABELS)) if d != label])
-            pair = [LABELS[label], LABELS[other]]
+            pair = [label, other]
             rng.shuffle(pair)
-            captions.append(" and ".join(pair))
+            captions.append(class_prompt(LABELS, pair))
     return captions
 
 
@@ -148,16 +150,12 @@ def latent_bank(
 
 
 def _classifier_fn(pipeline: Any):
-    from pipeline_kldb_boundary import as_image_classifier
-
     return as_image_classifier(pipeline.classifier, pipeline.classifier_processor)
 
 
 def _kldb_cotangents(classify, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Unit-norm gradients ``[B, 3, H, W]`` of KLDB for a random class pair per image, at ``images`` in [-1, 1]:
     the vectors the guidance pulls back through the decoder."""
-    from pipeline_kldb_boundary import kldb_score
-
     pairs = torch.stack([torch.randperm(len(LABELS), generator=generator)[:2] for _ in range(len(images))])
     with torch.enable_grad():
         x = images.detach().requires_grad_(True)
@@ -262,8 +260,6 @@ def fidelity(
     ``gradient_cosine_*``: cosine similarity between the KLDB gradients for ``classes`` with respect to the latent,
     through the guidance decoder and through the VAE decoder (what decides the guidance update's direction).
     """
-    from pipeline_kldb_boundary import kldb_score
-
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     images, labels = load_digits_split("test", split_seed)
     half = count // 2
@@ -302,7 +298,6 @@ def fidelity(
 def add_guidance_vae(world: Path, seed: int, config: GuidanceDecoderConfig) -> dict[str, Any]:
     """Train the guidance decoder for the world in ``world`` and write it there (see the module docstring)."""
     from kldb.digits import load_pipeline
-    from kldb.io import atomic_write_json
 
     torch.manual_seed(seed)
     pipeline = load_pipeline(world)

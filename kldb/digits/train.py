@@ -36,6 +36,8 @@ from transformers import (
 
 from kldb.digits.calibration import expected_calibration_error, fit_temperature
 from kldb.digits.data import IMAGE_SIZE, LABELS, augment, load_digits_split, split_indices
+from kldb.digits.util import count_parameters, folder_size_bytes, setup_process
+from kldb.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +136,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
-
-
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Linear warmup then cosine decay to 10% of the base learning rate."""
     if step < warmup:
@@ -196,9 +194,9 @@ def build_tokenizer(directory: Path, model_max_length: int) -> CLIPTokenizer:
             tokens.append(left + right)
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(tokens)}
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     merges_text = "#version: 0.2\n" + "\n".join(f"{left} {right}" for left, right in merges) + "\n"
-    (directory / "merges.txt").write_text(merges_text, encoding="utf-8")
+    atomic_write_text(directory / "merges.txt", merges_text)
     tokenizer = CLIPTokenizer(
         vocab=vocab,
         merges=merges,
@@ -537,10 +535,6 @@ def save_world(
     pipeline.save_pretrained(out, safe_serialization=True)
 
 
-def folder_size_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-
-
 def build_world(out: Path, seed: int, config: WorldConfig, guidance_decoder: Any = None) -> dict:
     """Train every component from `seed` and write the world folder and its ``world_info.json``.
 
@@ -632,7 +626,7 @@ def build_world(out: Path, seed: int, config: WorldConfig, guidance_decoder: Any
     info["training_seconds"]["total"] = round(sum(timings.values()), 1)
     info_path = out / "world_info.json"
     info["folder_bytes"] = folder_size_bytes(out)
-    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(info_path, info)
 
     # the small decoder for the guidance gradient, distilled from the saved world (it records itself in the info)
     from kldb.digits.guidance_decoder import GuidanceDecoderConfig, add_guidance_vae
@@ -644,17 +638,8 @@ def build_world(out: Path, seed: int, config: WorldConfig, guidance_decoder: Any
     info["training_seconds"]["total"] = round(
         info["training_seconds"]["total"] + info["training_seconds"]["guidance_vae"], 1
     )
-    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(info_path, info)
     return info
-
-
-def setup_process(threads: int | None) -> None:
-    """Logging to stderr, the torch thread count, and flush-to-zero for the training scripts' processes."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    # denormal floats slow CPU training down several-fold; set here, for this process only (it is global state)
-    torch.set_flush_denormal(True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
