@@ -58,6 +58,10 @@ logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 GRADIENT_MODES = ("unet", "detached")
 #: How the size of each guided step is chosen (``kldb_step_control``): the paper's fixed ``alpha`` or a control.
 STEP_CONTROLS = ("fixed", "backtracking", "kldb_scaled", "trust_region")
+#: ``kldb_guidance_scale="auto"``: the log grid of alphas its pilot tries, and the pilot's seeds (never those of the
+#: returned images: see :meth:`KLDBBoundaryPipeline.choose_guidance_scale`).
+AUTO_GRID = (0.01, 0.03, 0.1, 0.3)
+AUTO_SEEDS = (1_000_003, 1_000_033, 1_000_037, 1_000_039)
 #: Which autoencoder's decoder the guidance backpropagates through (``kldb_guidance_decoder``).
 GUIDANCE_DECODERS = ("auto", "vae", "guidance_vae")
 AUTOCAST_DTYPES = (None, torch.float16, torch.bfloat16)
@@ -1413,6 +1417,8 @@ class KLDBBoundaryPipelineOutput(BaseOutput):
         step_halvings: ``[B]`` step-size halvings of each image (``kldb_step_control`` "backtracking" or
             "trust_region").
         rejected_steps: ``[B]`` guided steps the step control refused for each image (no update there).
+        auto_guidance: with ``kldb_guidance_scale="auto"``, the pilot's record: the alpha chosen, the grid and its
+            median KLDB, the pilot's seeds and its seconds (see :meth:`KLDBBoundaryPipeline.choose_guidance_scale`).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -1427,6 +1433,7 @@ class KLDBBoundaryPipelineOutput(BaseOutput):
     accepted_steps: torch.Tensor | None = None
     step_halvings: torch.Tensor | None = None
     rejected_steps: torch.Tensor | None = None
+    auto_guidance: dict[str, Any] | None = None
 
 
 class KLDBBoundaryPipeline(StableDiffusionPipeline):
@@ -1817,6 +1824,71 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             )
         return n
 
+    # --- kldb_guidance_scale="auto" -----------------------------------------------------------------------------------
+
+    def choose_guidance_scale(
+        self,
+        classes: Sequence[int] | Sequence[str],
+        grid: Sequence[float] = AUTO_GRID,
+        seeds: Sequence[int] = AUTO_SEEDS,
+        avoid_seeds: Sequence[int] = (),
+        **call_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Pick alpha for ``classes`` by a short pilot: the lowest median KLDB over ``seeds`` on the log ``grid``.
+
+        Each alpha of ``grid`` samples one image per pilot seed with the call's other arguments (``call_kwargs``,
+        e.g. ``prompt``, ``guidance_scale``, ``num_inference_steps``, ``kldb_step_control``); ties go to the smaller
+        alpha. Pilot seeds that are among ``avoid_seeds`` (the seeds of the images the caller returns) are moved, so
+        the pilot never sees the images it chooses for.
+
+        Returns:
+            ``{"kldb_guidance_scale": chosen, "grid": [...], "median_kldb": [...], "seeds": [...], "seconds": t}``.
+        """
+        import time
+
+        if not grid or any(
+            isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf for a in grid
+        ):
+            raise ValueError(
+                f"Expected argument `grid` to be a non-empty list of positive alphas but got {list(grid)!r}."
+            )
+        if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
+            raise ValueError(f"Expected argument `seeds` to be a non-empty list of ints but got {list(seeds)!r}.")
+        avoid = {int(x) for x in avoid_seeds}
+        pilot_seeds = [int(x) for x in seeds]
+        while avoid & set(pilot_seeds) or len(set(pilot_seeds)) != len(pilot_seeds):
+            pilot_seeds = [x + 7919 for x in pilot_seeds]
+        prompt = call_kwargs.pop("prompt", None)
+        prompt = prompt[0] if isinstance(prompt, list) else prompt
+        for name in (
+            "generator",
+            "latents",
+            "num_images_per_prompt",
+            "output_type",
+            "return_dict",
+            "callback_on_step_end",
+        ):
+            call_kwargs.pop(name, None)  # the pilot samples its own images, one per seed, and runs no user callback
+        call_kwargs.pop("callback_on_step_end_tensor_inputs", None)
+        device = self._execution_device
+        start = time.perf_counter()
+        medians = []
+        for alpha in grid:
+            generators = [torch.Generator(device=device).manual_seed(x) for x in pilot_seeds]
+            out = self(
+                prompt=prompt, classes=classes, kldb_guidance_scale=float(alpha), generator=generators,
+                num_images_per_prompt=len(pilot_seeds), output_type="pt", **call_kwargs,
+            )  # fmt: skip
+            medians.append(float(out.kldb.float().median()))
+        best = min(range(len(grid)), key=lambda i: (medians[i], grid[i]))
+        return {
+            "kldb_guidance_scale": float(grid[best]),
+            "grid": [float(a) for a in grid],
+            "median_kldb": medians,
+            "seeds": pilot_seeds,
+            "seconds": time.perf_counter() - start,
+        }
+
     # --- the call ----------------------------------------------------------------------------------------------------
 
     def _step_end_callback(
@@ -1880,7 +1952,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         classes: Sequence[int] | Sequence[str] | None = None,
         classifier: Any = None,
-        kldb_guidance_scale: float = 0.1,
+        kldb_guidance_scale: float | str = 0.1,
         kldb_guidance_interval: int = 5,
         kldb_gradient: str = "unet",
         kldb_autocast_dtype: torch.dtype | None = None,
@@ -1911,9 +1983,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 guidance runs.
             classifier (*optional*, defaults to the pipeline's `classifier`):
                 The classifier for this call (see :func:`as_image_classifier`).
-            kldb_guidance_scale (`float`, *optional*, defaults to 0.1):
+            kldb_guidance_scale (`float` or `"auto"`, *optional*, defaults to 0.1):
                 alpha, the strength of the normalised gradient step; 0 gives prompt-only sampling, identical to
-                `StableDiffusionPipeline`.
+                `StableDiffusionPipeline`. `"auto"` picks it for `classes` by a short pilot on seeds other than the
+                returned images' (see `choose_guidance_scale`; its record is `auto_guidance` in the output).
             kldb_guidance_interval (`int`, *optional*, defaults to 5):
                 k: guidance at steps k, 2k, ... (1-based).
             kldb_gradient (`str`, *optional*, defaults to `"unet"`):
@@ -1949,8 +2022,26 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         Returns:
             [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple of the output's fields in
             order: `(images, nsfw_content_detected, kldb, entropy, probabilities, predicted_class, classes,
-            skipped_updates, guided_updates, accepted_steps, step_halvings, rejected_steps)`.
+            skipped_updates, guided_updates, accepted_steps, step_halvings, rejected_steps, auto_guidance)`.
         """
+        auto = None
+        if isinstance(kldb_guidance_scale, str) and kldb_guidance_scale == "auto":
+            if classes is None:
+                raise ValueError("`kldb_guidance_scale='auto'` needs `classes`: the pilot picks alpha for them.")
+            generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
+            auto = self.choose_guidance_scale(
+                classes,
+                avoid_seeds=[g.initial_seed() for g in generators],
+                prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                eta=eta, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                cross_attention_kwargs=cross_attention_kwargs, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+                classifier=classifier, kldb_guidance_interval=kldb_guidance_interval, kldb_gradient=kldb_gradient,
+                kldb_autocast_dtype=kldb_autocast_dtype, kldb_guidance_decoder=kldb_guidance_decoder,
+                kldb_step_control=kldb_step_control, kldb_max_halvings=kldb_max_halvings,
+                kldb_trust_radius=kldb_trust_radius, kldb_step_temperature=kldb_step_temperature,
+            )  # fmt: skip
+            kldb_guidance_scale = auto["kldb_guidance_scale"]
         device = self._execution_device
         adapter = self._resolve_classifier(classifier, device)
         self.check_kldb_inputs(
@@ -2077,6 +2168,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             accepted_steps=counts["accepted"] if counts is not None else None,
             step_halvings=counts["halvings"] if counts is not None else None,
             rejected_steps=counts["rejected"] if counts is not None else None,
+            auto_guidance=auto,
         )
         # every field in order, also those that are None (BaseOutput.to_tuple would drop them and shift the rest)
         return output if return_dict else tuple(getattr(output, field.name) for field in fields(output))

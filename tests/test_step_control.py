@@ -136,3 +136,42 @@ def test_the_cases_the_rules_are_tested_on_occur(pipe, classifier):
 def test_bad_step_control_arguments(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe(prompt=PROMPT, num_inference_steps=2, output_type="latent", kldb_guidance_scale=0, **kwargs)
+
+
+# --- kldb_guidance_scale="auto" ------------------------------------------------------------------------------------
+
+
+def test_auto_picks_the_grid_alpha_with_the_lowest_pilot_median(pipe, classifier):
+    from pipeline_kldb_boundary import AUTO_GRID, AUTO_SEEDS
+
+    common = {"prompt": PROMPT, "classes": [0, 1], "classifier": classifier, "num_inference_steps": STEPS,
+              "kldb_guidance_interval": 2}  # fmt: skip
+    generators = [gen(AUTO_SEEDS[0]), gen(5)]  # the first returned image shares a default pilot seed
+    out = pipe(**common, kldb_guidance_scale="auto", generator=generators, num_images_per_prompt=2, output_type="pt")
+    record = out.auto_guidance
+    assert record["grid"] == list(AUTO_GRID) and len(record["seeds"]) == len(AUTO_SEEDS)
+    assert not {AUTO_SEEDS[0], 5} & set(record["seeds"])  # the pilot never samples the returned images
+    # the pilot's medians, recomputed: one image per pilot seed at each alpha
+    medians = []
+    for alpha in AUTO_GRID:
+        pilot = pipe(**common, kldb_guidance_scale=alpha, generator=[gen(x) for x in record["seeds"]],
+                     num_images_per_prompt=len(record["seeds"]), output_type="pt")  # fmt: skip
+        medians.append(float(pilot.kldb.median()))
+    assert record["median_kldb"] == medians
+    assert record["kldb_guidance_scale"] == AUTO_GRID[min(range(len(medians)), key=lambda i: (medians[i], AUTO_GRID[i]))]
+    assert record["seconds"] > 0
+    chosen = pipe(**common, kldb_guidance_scale=record["kldb_guidance_scale"], generator=[gen(AUTO_SEEDS[0]), gen(5)],
+                  num_images_per_prompt=2, output_type="pt")  # fmt: skip
+    assert torch.equal(out.images, chosen.images)
+
+
+def test_auto_needs_classes(pipe):
+    with pytest.raises(ValueError, match=r"`kldb_guidance_scale='auto'` needs `classes`"):
+        pipe(prompt=PROMPT, num_inference_steps=2, kldb_guidance_scale="auto")
+
+
+def test_auto_grid_and_seeds_are_checked(pipe, classifier):
+    with pytest.raises(ValueError, match=r"Expected argument `grid` to be a non-empty list of positive alphas but got \[0.1, -1\]"):
+        pipe.choose_guidance_scale([0, 1], grid=[0.1, -1], prompt=PROMPT, classifier=classifier)
+    with pytest.raises(ValueError, match=r"Expected argument `seeds` to be a non-empty list of ints but got \[\]"):
+        pipe.choose_guidance_scale([0, 1], seeds=[], prompt=PROMPT, classifier=classifier)
