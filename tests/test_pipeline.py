@@ -122,19 +122,14 @@ def test_guidance_lowers_kldb_of_an_analytic_classifier(mode):
     assert guided.kldb.median() < 0.5 * base.kldb.median()
 
 
-def test_dict_and_tuple_outputs(tiny_pipe):
+def test_output_fields(tiny_pipe):
+    """What the output holds (dict against tuple, field for field: tests/test_diffusers_contract.py)."""
     kwargs = {"classes": [1, 2], "num_inference_steps": 4, "output_type": "np", "kldb_guidance_interval": 2}
     out = tiny_pipe(generator=gen(0), **kwargs)
     assert isinstance(out, KLDBBoundaryPipelineOutput)
-    tup = tiny_pipe(generator=gen(0), return_dict=False, **kwargs)
-    assert isinstance(tup, tuple) and len(tup) == 12  # every field of the output, in order, None included
-    images, nsfw, kldb, ent, probs, predicted, classes, skipped, guided, accepted, halvings, rejected = tup
-    assert accepted.tolist() == [2] and halvings.tolist() == rejected.tolist() == [0]
-    assert np.array_equal(images, out.images)
-    assert nsfw is None and skipped == out.skipped_updates == 0 and guided == out.guided_updates == 2
-    assert classes == out.classes
-    for a, b in ((kldb, out.kldb), (ent, out.entropy), (probs, out.probabilities), (predicted, out.predicted_class)):
-        assert torch.equal(a, b)
+    assert out.nsfw_content_detected is None and out.skipped_updates == 0 and out.guided_updates == 2
+    assert out.accepted_steps.tolist() == [2] and out.step_halvings.tolist() == out.rejected_steps.tolist() == [0]
+    assert out.auto_guidance is None
     assert out.images.shape == (1, 32, 32, 3)
     assert out.probabilities.shape == (1, 4) and torch.allclose(out.probabilities.sum(-1), torch.ones(1))
     assert out.predicted_class.tolist() == out.probabilities.argmax(-1).tolist()
