@@ -49,6 +49,7 @@ from kldb.io import atomic_write_json
 from kldb.loading import DTYPES, parse_dtype, resolve_dtype
 from kldb.metrics import summary_statistics
 from kldb.noise import initial_noise
+from kldb.presets import PRESETS
 from pipeline_kldb_boundary import (
     GRADIENT_MODES,
     KLDBGuidanceCallback,
@@ -143,37 +144,40 @@ class Config:
     memory_interval_ms: float
 
 
-# Per model and device: what a run measures when the command line does not say.
+# Per model and device: what a run measures when the command line does not say. The paper's steps and interval come
+# from the presets; on a CPU the SD-shaped and tiny runs are cut to 10 steps.
+STEPS = PRESETS["paper"].num_inference_steps
+INTERVAL = PRESETS["paper"].kldb_guidance_interval
 DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # default_option: what the pipeline does by default there ("auto" takes the digits world's guidance_vae; the
     # paper's Stable Diffusion v1.4 has none unless one is loaded)
     ("digits", "cpu"): {
-        "steps": 40, "interval": 5, "batch": 16, "batches": [1, 4, 16], "repeats": 3, "warmup": 1, "kldb_batches": 4,
+        "steps": STEPS, "interval": INTERVAL, "batch": 16, "batches": [1, 4, 16], "repeats": 3, "warmup": 1, "kldb_batches": 4,
         "options": ["unet+gvae", "unet", "detached+gvae", "detached", "unet+ckpt", "unet+slicing"],
         "default_option": "unet+gvae",
     },
     ("sd", "cpu"): {
-        "height": 256, "steps": 10, "interval": 5, "batch": 1, "batches": [1, 2, 4], "repeats": 3, "warmup": 1,
+        "height": 256, "steps": 10, "interval": INTERVAL, "batch": 1, "batches": [1, 2, 4], "repeats": 3, "warmup": 1,
         "kldb_batches": 1, "options": ["unet", "unet+gvae", "detached"], "default_option": "unet",
     },
     ("tiny", "cpu"): {
-        "steps": 10, "interval": 5, "batch": 2, "batches": [1, 2], "repeats": 3, "warmup": 1, "kldb_batches": 1,
+        "steps": 10, "interval": INTERVAL, "batch": 2, "batches": [1, 2], "repeats": 3, "warmup": 1, "kldb_batches": 1,
         "options": ["unet+gvae", "unet", "detached", "unet+ckpt", "unet+slicing"], "default_option": "unet+gvae",
     },
     ("digits", "cuda"): {
-        "steps": 40, "interval": 5, "batch": 16, "batches": [1, 4, 16], "repeats": 3, "warmup": 1, "kldb_batches": 4,
+        "steps": STEPS, "interval": INTERVAL, "batch": 16, "batches": [1, 4, 16], "repeats": 3, "warmup": 1, "kldb_batches": 4,
         "options": ["unet+gvae", "unet", "detached", "unet+ckpt", "unet+fp16", "unet+bf16", "detached+bf16"],
         "default_option": "unet+gvae",
     },
     ("sd", "cuda"): {
-        "height": 512, "steps": 40, "interval": 5, "batch": 8, "batches": [1, 4, 8, 16], "repeats": 2, "warmup": 1,
+        "height": 512, "steps": STEPS, "interval": INTERVAL, "batch": 8, "batches": [1, 4, 8, 16], "repeats": 2, "warmup": 1,
         "kldb_batches": 1,
         "options": ["unet", "unet+gvae", "detached", "unet+ckpt", "unet+bf16", "unet+gvae+bf16", "detached+bf16",
                     "unet+frozen"],
         "default_option": "unet",
     },
     ("tiny", "cuda"): {
-        "steps": 10, "interval": 5, "batch": 2, "batches": [1, 2], "repeats": 3, "warmup": 1, "kldb_batches": 1,
+        "steps": 10, "interval": INTERVAL, "batch": 2, "batches": [1, 2], "repeats": 3, "warmup": 1, "kldb_batches": 1,
         "options": ["unet+gvae", "unet", "detached", "unet+fp16", "unet+bf16"], "default_option": "unet+gvae",
     },
 }  # fmt: skip

@@ -31,7 +31,7 @@ import torch
 from kldb.errors import KLDBInputError
 from kldb.io import atomic_write_json, atomic_write_text, load_image
 from kldb.metrics import summary_statistics, top_set_is_classes
-from kldb.runfolder import ImageRecord, iter_settings, read_manifest, run_labels
+from kldb.runfolder import ImageRecord, iter_settings, read_run, run_labels
 from pipeline_kldb_boundary import ImageClassifier, entropy, kldb_score
 
 logger = logging.getLogger(__name__)
@@ -185,9 +185,7 @@ def compare_run(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise KLDBInputError(f"Expected argument `batch_size` to be a positive integer but got {batch_size!r}.")
-    records = read_manifest(run)
-    if not records:
-        raise KLDBInputError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+    records = read_run(run)
     labels = run_labels(run, records)
     name = classifier if isinstance(classifier, str) else type(classifier).__name__
     adapter = load_classifier(classifier, device) if isinstance(classifier, str) else as_image_classifier(classifier)

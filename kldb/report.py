@@ -50,7 +50,7 @@ from kldb.runfolder import (
     ImageRecord,
     iter_settings,
     load_run_images,
-    read_manifest,
+    read_run,
     run_classifier,
     run_info,
     run_labels,
@@ -303,9 +303,7 @@ def run_metrics(
     """
     if feature not in FEATURE_KINDS:
         raise KLDBInputError(f"Expected argument `feature` to be one of {list(FEATURE_KINDS)} but got {feature!r}.")
-    records = read_manifest(run)
-    if not records:
-        raise KLDBInputError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+    records = read_run(run)
     rows = setting_metrics(records)
     for row in rows:
         row["fid"] = None
@@ -532,9 +530,7 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else run / "report"
     if not isinstance(per_setting, int) or isinstance(per_setting, bool) or per_setting < 1:
         raise KLDBInputError(f"Expected argument `per_setting` to be a positive integer but got {per_setting!r}.")
-    records = read_manifest(run)
-    if not records:
-        raise KLDBInputError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+    records = read_run(run)
     info = run_info(run)
     metrics = metrics if metrics is not None else run_metrics(run, **metric_kwargs)
     rows = metrics["settings"]

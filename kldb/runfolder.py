@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kldb.errors import KLDBPathError
+from kldb.errors import KLDBInputError, KLDBPathError
 from kldb.io import atomic_write_text, load_image
 
 logger = logging.getLogger(__name__)
@@ -328,6 +328,14 @@ def read_manifest(run: str | os.PathLike[str]) -> list[ImageRecord]:
     if not path.is_file():
         raise KLDBPathError(f"Expected argument `run` to be a run folder or a manifest file but got {str(run)!r}.")
     return list(_records(read_jsonl(path), path))
+
+
+def read_run(run: str | os.PathLike[str]) -> list[ImageRecord]:
+    """The records of a finished run to report on (:func:`read_manifest`); a run without any is refused."""
+    records = read_manifest(run)
+    if not records:
+        raise KLDBInputError(f"Expected argument `run` to hold at least one manifest line but {str(run)!r} has none.")
+    return records
 
 
 def recover(out_dir: str | os.PathLike[str]) -> dict[str, int]:

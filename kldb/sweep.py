@@ -269,14 +269,16 @@ def check_config(config: SweepConfig) -> None:
     _expect(config.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", config.dtype)
 
 
-def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Setting]) -> None:
-    """Check ``config`` with the loaded pipeline's own input checks (``check_kldb_inputs``), before any image is made.
+def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Setting], labels: Sequence[str]) -> None:
+    """Check ``config`` with the loaded pipeline's own input checks, before any image is made.
 
-    They cover what :func:`check_config` cannot know: the image size against the pipeline's ``vae_scale_factor``,
-    the k-LMS scheduler and epsilon prediction that guidance needs, and a ``guidance_vae`` for
-    ``kldb_guidance_decoder="guidance_vae"``. Raises the pipeline's ``ValueError``.
+    These are the checks a call runs first: the pipeline's ``check_kldb_inputs`` (the image size against its
+    ``vae_scale_factor``, the k-LMS scheduler and epsilon prediction that guidance needs, a ``guidance_vae`` for
+    ``kldb_guidance_decoder="guidance_vae"``), then diffusers' ``check_inputs`` (an image size divisible by 8, the
+    prompts). They raise the pipeline's ``ValueError``.
     """
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = config.height or default_size, config.width or default_size
     guided = max(settings, key=lambda s: s.alpha)  # a guided setting, if there is one: guidance has more to check
     pipe.check_kldb_inputs(
         kldb_guidance_scale=guided.alpha,
@@ -285,12 +287,13 @@ def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Se
         num_inference_steps=config.num_inference_steps,
         has_classifier=True,
         classes=list(guided.classes),
-        height=config.height or default_size,
-        width=config.width or default_size,
+        height=height,
+        width=width,
         kldb_guidance_decoder=config.kldb_guidance_decoder,
         num_images_per_prompt=config.batch_size,
         prompt=config.prompt,
     )
+    pipe.check_inputs(_prompt(config, guided, labels), height, width, None, negative_prompt=config.negative_prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -447,7 +450,7 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
     pipe, classifier, labels = _prepare_pipeline(config, device)
     pipe.set_progress_bar_config(disable=True)  # the sweep's own bar counts images; per-call step bars clutter it
     settings = build_settings(config, labels)
-    check_against_pipeline(config, pipe, settings)
+    check_against_pipeline(config, pipe, settings, labels)
     decoder = pipe.resolve_guidance_decoder(config.kldb_guidance_decoder)  # named in every record
 
     # 2. The main process repairs the folder (partial lines, temporary files) and records the settings

@@ -102,3 +102,12 @@ class NaNClassifier(torch.nn.Module):
 
 def nan_classifier() -> NaNClassifier:
     return NaNClassifier()
+
+
+def half_precision_unet_pipeline():
+    """Tiny components with the UNet in float16 and the rest in float32, as a world that stores its UNet in half."""
+    from kldb.testing import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.unet.to(torch.float16)
+    return pipe

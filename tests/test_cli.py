@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kldb import cli, runfolder, sweep
-from kldb.presets import PAPER_ALPHAS, PAPER_BETAS, PAPER_NEGATIVE_PROMPT, get_preset
+from kldb.presets import PAPER_ALPHAS, PAPER_BETAS, PAPER_NEGATIVE_PROMPT, PRESETS, get_preset
 
 TINY = ["--pipeline", "kldb.testing:tiny_pipeline", "--classes", "three", "two", "--steps", "4", "--interval", "2",
         "--batch-size", "2"]  # fmt: skip
@@ -451,3 +451,78 @@ def test_a_model_that_cannot_be_read_is_an_error_message_not_a_traceback(tmp_pat
     status, _, err = run_cli(capsys, "generate", "--out", str(tmp_path / "run"), *TINY, "--num-images", "1",
                              "--guidance-vae", str(tmp_path))  # an existing folder without an AutoencoderTiny  # fmt: skip
     assert status == cli.EXIT_FAILURE and err.startswith("kldb generate: error: ") and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One mapping of options, presets and the sweep config; one error policy for both command lines
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_generation_options_come_from_one_table():
+    import dataclasses
+
+    from kldb.presets import Preset
+
+    preset_fields = {f.name for f in dataclasses.fields(Preset)}
+    config_fields = {f.name for f in dataclasses.fields(sweep.SweepConfig)}
+    for grid, command in ((True, "sweep"), (False, "generate")):
+        options = cli.generation_options(grid)
+        flags = {a.option_strings[0] for a in subparsers()[command]._actions if a.option_strings}
+        assert flags == {o.flag for o in options} | {"-h", "--preset", "--out", "--no-progress"}
+        assert {o.preset for o in options if o.preset} <= preset_fields
+        assert {o.config for o in options if o.config} <= config_fields
+        # every setting of a preset reaches the config through the table (name, description and reference do not)
+        assert preset_fields - {o.preset for o in options} == {
+            "name", "description", "reference", *(("alpha", "beta") if grid else ("alphas", "betas"))
+        }  # fmt: skip
+        assert config_fields - {o.config for o in options} == {"out_dir", "seeds"}
+        for name in PRESETS:
+            preset = get_preset(name)
+            config = cli.sweep_config_from_args(parse(command, "--out", "x", "--preset", name, "--dtype", "float32"), grid)
+            for option in options:
+                if option.preset is not None and option.config is not None and option.config != "dtype":
+                    expected = option.to_config(option.from_preset(getattr(preset, option.preset)))
+                    assert getattr(config, option.config) == expected, (name, option.flag)
+            assert config.seeds == list(range(preset.seed, preset.seed + preset.num_images))
+
+
+
+def test_a_bug_is_not_reported_as_a_usage_error(tmp_path, capsys, monkeypatch):
+    def broken(config, progress=True):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(sweep, "run_sweep", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):  # a traceback shows where, not "error: ..." and exit 2
+        cli.main(["sweep", "--out", str(tmp_path / "run"), *TINY, "--num-images", "1"])
+    monkeypatch.undo()
+    # a spec that names the wrong kind of object is refused input (a KLDBInputTypeError), still a usage error
+    status, _, err = run_cli(capsys, "generate", "--out", str(tmp_path / "run"), *TINY, "--num-images", "1",
+                             "--pipeline", "kldb.testing:tiny_classifier")  # fmt: skip
+    assert status == cli.EXIT_USAGE
+    assert "Expected argument `pipeline` 'kldb.testing:tiny_classifier' to return a KLDBBoundaryPipeline" in err
+
+
+def test_tiny_components_are_not_a_pipeline_spec(tmp_path, capsys):
+    """`--pipeline tiny` names a model like any other name, instead of silently auditing random weights."""
+    status, _, err = run_cli(capsys, "generate", "--out", str(tmp_path / "run"), "--pipeline", "tiny",
+                             "--num-images", "1", "--no-progress")  # fmt: skip
+    assert status == cli.EXIT_FAILURE and "kldb generate: error: " in err
+    assert not (tmp_path / "run" / "manifest.jsonl").exists()
+
+
+def test_both_hub_command_lines_give_the_same_exit_status(tmp_path, capsys, monkeypatch):
+    from kldb import digits, hub_cli
+
+    monkeypatch.setattr(digits, "WORLD_PATH", tmp_path / "world")  # not trained: a failure, not a usage error
+    (tmp_path / "saved").mkdir()
+    cases = [
+        (["export", "digits", str(tmp_path / "a")], cli.EXIT_FAILURE, "The digits world is not trained yet"),
+        (["export", str(tmp_path / "saved"), str(tmp_path / "b")], cli.EXIT_USAGE, "model_index.json"),
+        (["publish", str(tmp_path / "saved"), "not a repo", "--dry-run"], cli.EXIT_USAGE, "error: Expected"),
+        (["export", "--community", str(tmp_path / "c"), "--license", "mit"], cli.EXIT_USAGE, "only with SOURCE"),
+    ]
+    for argv, status, message in cases:
+        assert cli.main(argv) == status, argv
+        assert f"kldb {argv[0]}: error: " in (err := capsys.readouterr().err) and message in err
+        assert hub_cli.main(argv) == status, argv
+        assert f"python -m kldb.hub_cli {argv[0]}: error: " in (err := capsys.readouterr().err) and message in err

@@ -219,3 +219,13 @@ def test_shipped_world_exported_loads_as_custom_pipeline(shipped, tmp_path: Path
         output_type="pt", generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert output.images.shape == (1, 3, 32, 32) and output.predicted_class.shape == (1,)
+
+
+def test_the_guidance_decoder_script_does_not_import_the_world_training_script():
+    """train.py runs the guidance decoder stage; guidance_decoder.py needs only the shared helpers (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, kldb.digits.guidance_decoder\nprint('kldb.digits.train' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == "False"

@@ -82,3 +82,24 @@ def test_load_classifier_reads_a_saved_image_classifier(tmp_path):
     images = torch.rand(2, 3, 32, 32, generator=gen(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), adapter(images), rtol=0, atol=1e-6)
+
+
+def test_every_spec_casts_each_component_to_the_dtype(tiny_pipe, tmp_path):
+    """One loading behaviour: a factory, a folder and the digits loader all end with every module in `dtype`."""
+    from kldb import digits
+    from kldb.loading import load_pipeline
+
+    pipe = load_pipeline("sweep_fixtures:half_precision_unet_pipeline", dtype="float32")
+    assert {name: m.dtype for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)} == {
+        "vae": torch.float32, "text_encoder": torch.float32, "unet": torch.float32, "classifier": torch.float32
+    }  # fmt: skip
+    folder = write_pipeline_folder(tiny_pipe, tmp_path / "saved")
+    by_spec = load_pipeline(str(folder), dtype="bfloat16", local_files_only=True)
+    by_world_loader = digits.load_pipeline(folder, torch_dtype=torch.bfloat16)
+    for loaded in (by_spec, by_world_loader):
+        modules = {name: m for name, m in loaded.components.items() if isinstance(m, torch.nn.Module)}
+        assert set(modules) == {"vae", "text_encoder", "unet", "classifier"}
+        assert all(p.dtype == torch.bfloat16 for m in modules.values() for p in m.parameters())
+    for name in ("vae", "unet", "classifier"):
+        for a, b in zip(by_spec.components[name].parameters(), by_world_loader.components[name].parameters()):
+            assert torch.equal(a, b)

@@ -235,3 +235,17 @@ def test_run_metrics_errors(tmp_path):
         report.run_metrics(tmp_path / "run", feature="inception")
     result = report.run_metrics(tmp_path / "run", reference=None)
     assert all(row["fid"] is None for row in result["settings"])
+
+
+def test_metrics_import_nothing_that_loads_models_or_reads_run_folders():
+    """kldb.metrics is pure (numbers, arrays and tensors in, numbers out): it imports none of the loaders."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kldb.metrics\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kldb.') and m not in ('kldb.metrics', 'kldb.errors', "
+        "'kldb.hub', 'kldb.io')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == "[]"  # no kldb.sweep, kldb.runfolder, kldb.loading, kldb.digits, ...

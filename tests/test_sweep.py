@@ -292,7 +292,7 @@ def test_resume_with_other_image_settings_is_refused(tmp_path):
         ({"guidance_vae": " "}, r"Expected argument `guidance_vae` to be None or a non-empty string .* but got ' '"),
         ({"guidance_rescale": 1.5}, r"Expected argument `guidance_rescale` to be a number in \[0, 1\] but got 1.5"),
         ({"timestep_spacing": "fast"}, r"Expected argument `timestep_spacing` to be None or one of"),
-        ({"height": 31}, r"`height` and `width` have to be divisible by the VAE factor 2 but are 31 and 32\."),
+        ({"height": 30}, r"`height` and `width` have to be divisible by 8 but are 30 and 32\."),
         ({"prompt": ""}, r"Expected argument `prompt` to be None or a non-empty string but got ''"),
         ({"pipeline": ""}, r"Expected argument `pipeline` to be a non-empty string but got ''"),
         ({"dtype": "float8"}, r"Expected argument `dtype` to be one of .* but got 'float8'"),
@@ -385,3 +385,19 @@ def test_a_guidance_vae_spec_must_give_an_autoencoder():
         load_guidance_vae("kldb.testing:tiny_tokenizer")
     with pytest.raises(ValueError, match=r"Expected argument `guidance_vae` to name an importable `module:function`"):
         load_guidance_vae("kldb.nothing:here")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"kldb_guidance_decoder": "guidance_vae"}, r"`kldb_guidance_decoder='guidance_vae'` needs the pipeline's `guidance_vae`"),
+        ({"width": 34}, r"`height` and `width` have to be divisible by 8 but are 32 and 34\."),
+        ({"class_subsets": [["three", "eleven"]]}, r"`classes` contains 'eleven', which is not among the classifier's labels"),
+    ],
+    ids=["no-guidance-vae", "width", "class-name"],
+)  # fmt: skip
+def test_the_grid_is_checked_against_the_pipeline_before_anything_is_written(tmp_path, overrides, match):
+    """What only the loaded pipeline can check is checked by its own input checks, before the run folder exists."""
+    with pytest.raises(ValueError, match=match):
+        run_sweep(config(tmp_path / "run", **overrides), progress=False)
+    assert not (tmp_path / "run").exists()

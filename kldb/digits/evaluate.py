@@ -435,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--world", type=Path, default=WORLD_PATH, help="world folder (default: the shipped one)")
     parser.add_argument("--images-per-setting", type=int, default=256)
     parser.add_argument("--images-per-digit", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--interval", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=PRESETS["digits"].num_inference_steps)
+    parser.add_argument("--interval", type=int, default=PRESETS["digits"].kldb_guidance_interval)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--kldb-gradient", choices=GRADIENT_MODES, default="detached",
