@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline_kldb_boundary
+from kldb.errors import KLDBPathError
 from kldb.io import atomic_write_text, default_mode
 
 logger = logging.getLogger(__name__)
@@ -751,7 +752,7 @@ def export_folder(
     if model_card is not False:
         card_path = MODEL_CARD_PATH if model_card is True else Path(model_card)
         if not card_path.is_file():
-            raise FileNotFoundError(
+            raise KLDBPathError(
                 f"Expected argument `model_card` to name an existing file but got {str(card_path)!r}."
             )
         card_template = card_path.read_text(encoding="utf-8")
