@@ -132,7 +132,7 @@ def write_comparison(
         }
         captions = [caption_lines(k, p, names, top=2) for k, p in zip(kldb, probabilities)]
         alpha = f" (alpha={extra['alpha']})" if "alpha" in extra else ""
-        title = f"{row.replace('_', '-')}{alpha}: median KLDB {summary[row]['median_kldb']:.3f}"
+        title = f"{row.replace('_', '-')}{alpha}: median KLDB = {summary[row]['median_kldb']:.3f}"
         grid_rows.append((title, images, captions))
     save_png(out / "grid.png", captioned_grid(grid_rows))
     return summary

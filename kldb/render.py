@@ -9,11 +9,22 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 
+def labelled(label: str, value: float | int, digits: int | None = None) -> str:
+    """``label = value``: the grids' small default font draws a space one pixel wide, so a plain space would read
+    as ``KLDB0.486``.
+
+    Example:
+        >>> labelled("KLDB", 0.4861, 3), labelled("seed", 7)
+        ('KLDB = 0.486', 'seed = 7')
+    """
+    return f"{label} = {value:.{digits}f}" if digits is not None else f"{label} = {value}"
+
+
 def caption_lines(kldb: float | None, probabilities: Sequence[float], names: Sequence[str], top: int = 3) -> list[str]:
-    """``KLDB 0.12`` then the ``top`` most probable classes as ``name 0.48``."""
-    lines = [f"KLDB {kldb:.3f}"] if kldb is not None else []
+    """``KLDB = 0.123`` then the ``top`` most probable classes as ``name = 0.48``."""
+    lines = [labelled("KLDB", kldb, 3)] if kldb is not None else []
     order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:top]
-    lines += [f"{names[i]} {probabilities[i]:.2f}" for i in order]
+    lines += [labelled(names[i], probabilities[i], 2) for i in order]
     return lines
 
 

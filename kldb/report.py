@@ -412,7 +412,7 @@ def ambiguous_grid(run_dir: str | os.PathLike[str], records: Sequence[ImageRecor
     """A captioned grid (PNG bytes): one row per setting, its most ambiguous images with KLDB and top probabilities."""
     import PIL.Image
 
-    from kldb.render import captioned_grid
+    from kldb.render import captioned_grid, labelled
 
     out = Path(run_dir)
     rows = []
@@ -421,8 +421,8 @@ def ambiguous_grid(run_dir: str | os.PathLike[str], records: Sequence[ImageRecor
         for r in chosen:
             with PIL.Image.open(out / r.file) as image:
                 images.append(image.convert("RGB"))
-            top = [f"{name} {p:.2f}" for name, p in zip(r.top_labels[:2], r.top_probabilities[:2])]
-            captions.append([f"KLDB {r.kldb:.3f}", *top, f"seed {r.seed}"])
+            top = [labelled(name, p, 2) for name, p in zip(r.top_labels[:2], r.top_probabilities[:2])]
+            captions.append([labelled("KLDB", r.kldb, 3), *top, labelled("seed", r.seed)])
         rows.append((setting, images, captions))
     buffer = io.BytesIO()
     captioned_grid(rows).save(buffer, format="PNG")
