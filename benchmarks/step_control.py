@@ -96,7 +96,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         base = runs["prompt-only"]["kldb"]
         base_median = statistics.median(base)
         rows = {}
-        for name, record in runs.items():
+        for name in [name for name in options() if name in runs]:
+            record = runs[name]
             values = record["kldb"]
             rows[name] = {
                 "median_kldb": statistics.median(values),

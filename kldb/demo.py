@@ -28,9 +28,9 @@ from kldb.errors import KLDBInputError
 from kldb.examples_support import TINY_ENV, tiny_stable_diffusion
 from kldb.io import atomic_write_json, atomic_write_text, save_png
 from kldb.metrics import summary_statistics
-from kldb.presets import PRESETS
+from kldb.presets import PRESETS, QUICK_START
 from kldb.render import caption_lines, captioned_grid
-from pipeline_kldb_boundary import KLDBBoundaryPipeline, KLDBBoundaryPipelineOutput, class_prompt
+from pipeline_kldb_boundary import STEP_CONTROLS, KLDBBoundaryPipeline, KLDBBoundaryPipelineOutput, class_prompt
 
 logger = logging.getLogger("kldb.demo")
 
@@ -156,14 +156,43 @@ def save_comparison(
     return summary
 
 
+def seeds_moved(prompt_only: Sequence[float], guided: Sequence[float]) -> dict[str, int]:
+    """Per seed, whether guidance moved the image toward the boundary: how many guided images have a lower KLDB than
+    the prompt-only image of the same seed, how many a higher one (``worse``), and how many are compared.
+
+    Example:
+        >>> seeds_moved([0.5, 0.2, 0.9], [0.1, 0.3, 0.9])
+        {'toward': 1, 'worse': 1, 'total': 3}
+    """
+    if len(prompt_only) != len(guided):
+        raise KLDBInputError(
+            f"Expected the prompt-only and guided rows to hold one image per seed each but got {len(prompt_only)} and "
+            f"{len(guided)}."
+        )
+    pairs = list(zip(prompt_only, guided))
+    return {
+        "toward": sum(g < b for b, g in pairs),
+        "worse": sum(g > b for b, g in pairs),
+        "total": len(pairs),
+    }
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """One line per row: median KLDB and entropy, and the predicted classes."""
+    """One line per row: median KLDB and entropy, and the predicted classes; then how many seeds moved toward the
+    boundary, when there are prompt-only and guided rows from the same seeds."""
     lines = []
-    for row, r in summary["rows"].items():
+    rows = summary["rows"]
+    for row, r in rows.items():
         predicted = ", ".join(sorted(set(r["predicted"])))
         lines.append(
             f"{row:>12}: median KLDB {r['median_kldb']:.4f}, median entropy {r['median_entropy']:.4f} nats, "
             f"predicted {predicted}"
+        )
+    if "prompt_only" in rows and "guided" in rows:
+        moved = seeds_moved(rows["prompt_only"]["kldb"], rows["guided"]["kldb"])
+        lines.append(
+            f"    per seed: {moved['toward']} of {moved['total']} images moved toward the boundary (lower KLDB than the "
+            f"same seed's prompt-only image), {moved['worse']} moved away"
         )
     return "\n".join(lines)
 
@@ -175,17 +204,20 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 def run_demo(
     out_dir: str | Path = "outputs/demo",
-    num_images: int = DEMO_PRESET.num_images,
-    alpha: float = DEMO_PRESET.alpha,
+    num_images: int = QUICK_START["num_images"],
+    alpha: float = QUICK_START["alpha"],
     beta: float | None = None,
     steps: int = DEMO_PRESET.num_inference_steps,
     interval: int = DEMO_PRESET.kldb_guidance_interval,
     seed: int = DEMO_PRESET.seed,
     tiny: bool = False,
+    step_control: str = QUICK_START["kldb_step_control"],
 ) -> dict[str, Any]:
     """Generate prompt-only (alpha = 0) and guided images from the same seeds; write the grid, images and report.
 
-    ``beta`` ``None`` is the digits preset's beta; the classes are the preset's.
+    ``beta`` ``None`` is the digits preset's beta; the classes are the preset's. The guided row uses the measured
+    quick-start setting (:data:`kldb.presets.QUICK_START`: backtracking from alpha 0.2) unless told otherwise;
+    ``step_control="fixed"`` is the paper's step.
     """
     if num_images < 1:
         raise KLDBInputError(f"Expected argument `num_images` to be a positive integer but got {num_images}.")
@@ -203,6 +235,7 @@ def run_demo(
         "num_inference_steps": steps,
         "guidance_scale": beta,
         "kldb_guidance_interval": interval,
+        "kldb_step_control": step_control,
         "output_type": "pil",
     }
     runs, seconds = {}, {}
@@ -228,6 +261,7 @@ def run_demo(
         "beta": beta,
         "steps": steps,
         "interval": interval,
+        "step_control": step_control,
         # the decoder the guidance gradient went through (the default "auto": the world's guidance_vae if it has one)
         "guidance_decoder": pipe.resolve_guidance_decoder(),
         "seeds": seeds,
@@ -245,6 +279,7 @@ def run_demo(
     }
     base, guided = report["settings"]["prompt_only"], report["settings"]["guided"]
     report["relative_kldb_change"] = (guided["median_kldb"] - base["median_kldb"]) / base["median_kldb"]
+    report["seeds_moved"] = seeds_moved(rows["prompt_only"]["kldb"], rows["guided"]["kldb"])
     report["time_ratio_guided_over_prompt_only"] = guided["seconds"] / base["seconds"]
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
@@ -256,7 +291,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# KLDB demo on the {report['world']}",
         "",
         f'Prompt "{report["prompt"]}", beta = {report["beta"]}, {report["steps"]} k-LMS steps, guidance every '
-        f"{report['interval']} steps (gradient through the `{report.get('guidance_decoder', 'vae')}` decoder), seeds "
+        f"{report['interval']} steps (step control `{report.get('step_control', 'fixed')}`, gradient through the "
+        f"`{report.get('guidance_decoder', 'vae')}` decoder), seeds "
         f"{report['seeds'][0]}..{report['seeds'][-1]} (same for both rows).",
         "",
         "| setting | alpha | median KLDB | median entropy (nats) | predicted classes | seconds |",
@@ -267,7 +303,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {s['alpha']} | {s['median_kldb']:.4f} | {s['median_entropy']:.4f} | {mix} | {s['seconds']} |"
         )
-    lines += ["", f"Median KLDB change with guidance: {100 * report['relative_kldb_change']:+.1f}%.", ""]
+    lines += ["", f"Median KLDB change with guidance: {100 * report['relative_kldb_change']:+.1f}%."]
+    moved = report.get("seeds_moved")
+    if moved:
+        lines += [
+            f"Per seed: {moved['toward']} of {moved['total']} guided images moved toward the boundary (lower KLDB than "
+            f"the same seed's prompt-only image), {moved['worse']} moved away."
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -280,11 +323,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kldb demo`` and ``python -m kldb.demo``; defaults from the digits preset."""
     p = DEMO_PRESET
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    q = QUICK_START
     parser.add_argument(
-        "--num-images", type=int, default=p.num_images, help=f"images per setting (default: {p.num_images})"
+        "--num-images", type=int, default=q["num_images"], help=f"images per setting (default: {q['num_images']})"
     )
     parser.add_argument(
-        "--alpha", type=float, default=p.alpha, help=f"KLDB guidance strength of the guided row (default: {p.alpha})"
+        "--alpha", type=float, default=q["alpha"], help=f"KLDB guidance strength of the guided row (default: {q['alpha']})"
+    )
+    parser.add_argument(
+        "--step-control",
+        default=q["kldb_step_control"],
+        choices=STEP_CONTROLS,
+        help=f"kldb_step_control of the guided row; fixed is the paper's step (default: {q['kldb_step_control']})",
     )
     parser.add_argument(
         "--beta", type=float, default=None, help=f"classifier-free guidance scale (default: {p.beta:g})"
@@ -307,7 +357,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     """Run the demo from parsed :func:`add_demo_arguments` options and print its report."""
     report = run_demo(
-        args.out, args.num_images, args.alpha, args.beta, args.steps, args.interval, args.seed, args.tiny
+        args.out, args.num_images, args.alpha, args.beta, args.steps, args.interval, args.seed, args.tiny,
+        args.step_control,
     )
     print(render_markdown(report))
     print(f"Wrote {Path(args.out) / 'grid.png'}, the images and report.json / report.md.")

@@ -81,7 +81,11 @@ def test_digits_example_runs_on_the_trained_world(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "digits_offline" / "results.json").read_text())
-    assert len(results["rows"]["guided"]["kldb"]) == 8
+    from kldb.presets import QUICK_START
+
+    assert len(results["rows"]["guided"]["kldb"]) == QUICK_START["num_images"] == 16
+    assert results["settings"]["step_control"] == "backtracking"
+    assert "images moved toward the boundary" in proc.stdout  # the per-seed line of format_summary
 
 
 # ----------------------------------------------------------------------------------------------------------------------
