@@ -15,7 +15,8 @@ COMPAT_STAMP := $(COMPAT_VENV)/.installed
 # the Hub layout, the digits world, the classifier component, community loading), the Hub tools and the sweep under
 # accelerate.
 COMPAT_TESTS := tests/test_pipeline.py tests/test_diffusers_contract.py tests/test_options.py tests/test_errors.py \
-	tests/test_guidance_callback.py tests/test_loading.py tests/test_loading_paths.py tests/test_digits_world.py \
+	tests/test_guidance_callback.py tests/test_step_control.py tests/test_loading.py tests/test_loading_paths.py \
+	tests/test_digits_world.py \
 	tests/test_classifier_component.py tests/test_community.py tests/test_hub.py tests/test_accelerate.py
 
 .PHONY: help install test test-install test-compat lint demo clean
