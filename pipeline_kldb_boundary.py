@@ -1859,7 +1859,10 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         while avoid & set(pilot_seeds) or len(set(pilot_seeds)) != len(pilot_seeds):
             pilot_seeds = [x + 7919 for x in pilot_seeds]
         prompt = call_kwargs.pop("prompt", None)
-        prompt = prompt[0] if isinstance(prompt, list) else prompt
+        prompt = prompt[0] if isinstance(prompt, list) else prompt  # the pilot samples the first prompt only
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            if isinstance(call_kwargs.get(name), torch.Tensor):
+                call_kwargs[name] = call_kwargs[name][:1]
         for name in (
             "generator",
             "latents",

@@ -175,3 +175,11 @@ def test_auto_grid_and_seeds_are_checked(pipe, classifier):
         pipe.choose_guidance_scale([0, 1], grid=[0.1, -1], prompt=PROMPT, classifier=classifier)
     with pytest.raises(ValueError, match=r"Expected argument `seeds` to be a non-empty list of ints but got \[\]"):
         pipe.choose_guidance_scale([0, 1], seeds=[], prompt=PROMPT, classifier=classifier)
+
+
+def test_auto_pilots_the_first_prompt_of_a_batch_of_embeddings(pipe, classifier):
+    embeds, negative = pipe.encode_prompt([PROMPT, "one"], "cpu", 1, True)
+    out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, classes=[0, 1], classifier=classifier,
+               num_inference_steps=STEPS, kldb_guidance_interval=2, kldb_guidance_scale="auto", output_type="pt",
+               generator=[gen(0), gen(1)])  # fmt: skip
+    assert out.images.shape[0] == 2 and out.auto_guidance["kldb_guidance_scale"] in out.auto_guidance["grid"]
