@@ -50,7 +50,10 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
 
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -706,6 +709,73 @@ def class_prompt(labels: Sequence[str], classes: Sequence[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Image-to-image: how far an edited image moved from its input
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: diffusers' ``StableDiffusionImg2ImgPipeline`` default share of the schedule an image-to-image call runs.
+DEFAULT_STRENGTH = 0.8
+#: Highest order of the k-LMS multistep (``LMSDiscreteScheduler.step``'s default ``order``).
+LMS_MAX_ORDER = 4
+
+
+def pixel_l2(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    r"""Euclidean distance between images and their references, per image, over all pixel values in ``[0, 1]``.
+
+    .. math:: d(x, x_{\mathrm{ref}}) = \lVert x - x_{\mathrm{ref}} \rVert_2
+
+    Args:
+        images, references: ``[B, 3, H, W]`` in ``[0, 1]``.
+
+    Returns:
+        ``[B]`` float32.
+
+    Example:
+        >>> import torch
+        >>> pixel_l2(torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
+        tensor([3.4641])
+    """
+    if images.shape != references.shape or images.ndim != 4:
+        raise ValueError(
+            f"Expected arguments `images` and `references` to be tensors of one shape [B, 3, H, W] but got "
+            f"{tuple(images.shape)} and {tuple(references.shape)}."
+        )
+    return (images.float() - references.float()).flatten(1).norm(dim=1)
+
+
+def structural_similarity(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor | None:
+    """SSIM (Wang et al. 2004) of each image to its reference, by torchmetrics' implementation; ``None`` without it.
+
+    torchmetrics' ``structural_similarity_index_measure`` with its defaults (Gaussian window 11, sigma 1.5) and data
+    range 1 (images in ``[0, 1]``), per image (``reduction="none"``); 1 for identical images. torchmetrics is optional
+    here (this file needs only torch, diffusers and transformers): without it the result is ``None`` and a warning
+    says how to install it.
+
+    Args:
+        images, references: ``[B, 3, H, W]`` in ``[0, 1]``.
+
+    Returns:
+        ``[B]`` float32, or ``None`` when torchmetrics is not installed.
+    """
+    if images.shape != references.shape or images.ndim != 4:
+        raise ValueError(
+            f"Expected arguments `images` and `references` to be tensors of one shape [B, 3, H, W] but got "
+            f"{tuple(images.shape)} and {tuple(references.shape)}."
+        )
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+    except ImportError:
+        logger.warning(
+            "The SSIM of each image to its input needs torchmetrics, which is not installed: `ssim` is None. Install "
+            "it with `pip install torchmetrics` (or `pip install kldb-boundary[audit]`)."
+        )
+        return None
+    score = structural_similarity_index_measure(
+        images.float(), references.float().to(images.device), data_range=1.0, reduction="none"
+    )
+    return score.float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Saving and loading in the Hub layout of a custom pipeline
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -879,6 +949,15 @@ def _select_rows(value: Any, rows: slice, total: int) -> Any:
     return value
 
 
+def _begin_index(scheduler: Any) -> int:
+    """The scheduler index of the first step a sampling call runs: 0, or where an image-to-image call starts.
+
+    diffusers' image-to-image pipelines start the schedule part-way and say where with ``scheduler.set_begin_index``;
+    the guidance counts its steps from there (step ``s`` of a call is schedule index ``begin + s - 1``).
+    """
+    return getattr(scheduler, "begin_index", None) or 0
+
+
 def _noise_prediction(output: Any) -> torch.Tensor:
     """The noise prediction of a UNet call, returned as a tuple (``return_dict=False``) or an output dataclass."""
     return output[0] if isinstance(output, (tuple, list)) else output.sample
@@ -971,8 +1050,9 @@ class KLDBUNetHook(ModelHook):
 class KLDBGuidanceCallback(PipelineCallback):
     r"""Step-end callback applying KLDB guidance (Equation 2) around the k-LMS step.
 
-    At a guided step ``s`` (1-based, ``s % interval == 0``) with input latent :math:`z_t` and noise level
-    :math:`\sigma_t`, the paper and the authors' code compute
+    At a guided step ``s`` (1-based, ``s % interval == 0``, counted from the first step the call runs: an
+    image-to-image call that starts the schedule part-way counts from there) with input latent :math:`z_t` and
+    noise level :math:`\sigma_t`, the paper and the authors' code compute
 
     .. math::
         z_{t-1} = \mathrm{LMSStep}(z_t, \epsilon^{\mathrm{CFG}}(z_t)) - \alpha \nabla^*_{z_t} \mathrm{KLDB}(z_t)
@@ -1152,6 +1232,8 @@ class KLDBGuidanceCallback(PipelineCallback):
         """
         scheduler = getattr(self._pipeline, "scheduler", None)
         step_index = getattr(scheduler, "step_index", None)
+        if step_index is not None:  # counted from the first step the call runs, as the step-end callback counts
+            step_index -= _begin_index(scheduler)
         if step_index == 0:  # a new sampling call starts
             if self._auto_attached:  # attached by the last call's callback, not by this call
                 self._detach()
@@ -1235,7 +1317,8 @@ class KLDBGuidanceCallback(PipelineCallback):
     def correction(
         self, pipeline: Any, step_index: int, record: _UNetCall, rows: slice, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(-alpha * g*, ok, rejected)`` for the latent that step ``step_index`` (0-based) started from, in ``dtype``.
+        """``(-alpha * g*, ok, rejected)`` for the latent that step ``step_index`` (0-based, counted from the first step
+        the call runs) started from, in ``dtype``.
 
         ``ok`` is False where the gradient is not usable, ``rejected`` True where the step control found no step size
         (both ``[B]``; such samples get no update). ``alpha`` is per sample: the paper's fixed value, or chosen by
@@ -1244,7 +1327,7 @@ class KLDBGuidanceCallback(PipelineCallback):
         ``autocast_dtype=torch.float16``) the loss is scaled by 2^16 so that small gradients do not flush to zero;
         samples whose scaled gradient overflows are redone at 2^8, then 1.
         """
-        sigma = float(pipeline.scheduler.sigmas[step_index])
+        sigma = float(pipeline.scheduler.sigmas[_begin_index(pipeline.scheduler) + step_index])
         c = (sigma**2 + 1) ** 0.5  # k-LMS input scaling: the UNet got z / c
         vae = self.decoder if self.decoder is not None else pipeline.vae
 
@@ -1379,7 +1462,8 @@ class KLDBGuidanceCallback(PipelineCallback):
                     )
                 delta, ok, rejected = self.correction(pipeline, step_index, record, rows, latents.dtype)
                 updated = latents + delta.to(latents.dtype)
-                ok = ok & latents_are_usable(updated, float(pipeline.scheduler.sigmas[step_index + 1]))
+                next_sigma = pipeline.scheduler.sigmas[_begin_index(pipeline.scheduler) + step_index + 1]
+                ok = ok & latents_are_usable(updated, float(next_sigma))
                 applied = ok & ~rejected
                 callback_kwargs["latents"] = torch.where(applied.view(-1, *[1] * (latents.ndim - 1)), updated, latents)
                 state.skipped_updates += int((~ok).sum())
@@ -1419,6 +1503,14 @@ class KLDBBoundaryPipelineOutput(BaseOutput):
         rejected_steps: ``[B]`` guided steps the step control refused for each image (no update there).
         auto_guidance: with ``kldb_guidance_scale="auto"``, the pilot's record: the alpha chosen, the grid and its
             median KLDB, the pilot's seeds and its seconds (see :meth:`KLDBBoundaryPipeline.choose_guidance_scale`).
+        kldb_start: with ``image``, ``[B]`` KLDB of each image's input (the preprocessed input image the row started
+            from) for ``classes``.
+        probabilities_start: with ``image``, ``[B, n]`` the classifier's softmax on each row's input image.
+        predicted_class_start: with ``image``, ``[B]`` the arg-max class of each row's input image.
+        pixel_l2: with ``image``, ``[B]`` Euclidean distance of each returned image to its input over all pixel
+            values in ``[0, 1]`` (see :func:`pixel_l2`).
+        ssim: with ``image``, ``[B]`` SSIM of each returned image to its input (torchmetrics; ``None`` without it, see
+            :func:`structural_similarity`).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -1434,6 +1526,11 @@ class KLDBBoundaryPipelineOutput(BaseOutput):
     step_halvings: torch.Tensor | None = None
     rejected_steps: torch.Tensor | None = None
     auto_guidance: dict[str, Any] | None = None
+    kldb_start: torch.Tensor | None = None
+    probabilities_start: torch.Tensor | None = None
+    predicted_class_start: torch.Tensor | None = None
+    pixel_l2: torch.Tensor | None = None
+    ssim: torch.Tensor | None = None
 
 
 class KLDBBoundaryPipeline(StableDiffusionPipeline):
@@ -1797,6 +1894,90 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 f", width / {self.vae_scale_factor}) for {batch} images of {height}x{width} but are {got}."
             )
 
+    def check_image_inputs(
+        self,
+        image: Any,
+        strength: Any,
+        height: int | None,
+        width: int | None,
+        latents: Any,
+        steps: int,
+    ) -> torch.Tensor:
+        """Check ``image`` and ``strength`` of an image-to-image call; return the images as the VAE takes them.
+
+        ``image`` is a PIL image (converted to RGB), a float ``np.ndarray`` ``(H, W, 3)`` / ``(B, H, W, 3)`` or a
+        float ``torch.Tensor`` ``(3, H, W)`` / ``(B, 3, H, W)`` with values in ``[0, 1]``, or a list of one of these,
+        all of one size. The size has to be divisible by the VAE factor: images are not resized (resize or crop them
+        first). ``height`` and ``width``, when given, have to be the images' size. ``strength`` is in ``(0, 1]`` and
+        has to leave at least one of the ``steps`` to run (diffusers' img2img rule: ``int(steps * strength)`` steps
+        run).
+
+        Returns:
+            ``(N, 3, H, W)`` in ``[-1, 1]``: the images preprocessed by the pipeline's ``VaeImageProcessor``.
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"`strength` has to be a number in (0, 1] but is {strength!r}.")
+        if int(steps * strength) < 1:
+            raise ValueError(
+                f"`strength` * `num_inference_steps` has to leave at least one step to run (img2img runs "
+                f"int(num_inference_steps * strength) steps) but is {strength} * {steps}."
+            )
+        if latents is not None:
+            raise ValueError(
+                "`latents` and `image` were both given: an image-to-image call makes its starting latents from `image`."
+            )
+        template = (
+            "Expected argument `image` to be a PIL image, a float np.ndarray (H, W, 3) or (B, H, W, 3) or a float "
+            "torch.Tensor (3, H, W) or (B, 3, H, W) in [0, 1], or a non-empty list of one of these, but got {got}."
+        )
+        items = image if isinstance(image, list) else [image]
+        if not items or not all(isinstance(item, type(items[0])) for item in items):
+            raise TypeError(template.format(got=f"a list of {sorted({type(item).__name__ for item in items})}"))
+        sizes = []
+        for item in items:
+            if isinstance(item, PIL.Image.Image):
+                sizes.append((item.height, item.width))
+                continue
+            if not isinstance(item, (np.ndarray, torch.Tensor)):
+                raise TypeError(template.format(got=type(item).__name__))
+            is_float = item.is_floating_point() if torch.is_tensor(item) else np.issubdtype(item.dtype, np.floating)
+            channels = (item.shape[-1] if isinstance(item, np.ndarray) else item.shape[-3]) if item.ndim >= 3 else None
+            if item.ndim not in (3, 4) or channels != 3 or not is_float:
+                got = f"{type(item).__name__} of shape {tuple(item.shape)} and dtype {item.dtype}"
+                raise ValueError(template.format(got=got))
+            low, high = float(item.min()), float(item.max())
+            if not (low >= 0.0 and high <= 1.0):  # also refuses nan
+                raise ValueError(f"Expected argument `image` to hold values in [0, 1] but they span [{low}, {high}].")
+            sizes.append(tuple(item.shape[1:3] if isinstance(item, np.ndarray) else item.shape[-2:]))
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"Expected argument `image` to hold images of one size but got sizes {sorted(set(sizes))}."
+            )
+        h, w = sizes[0]
+        if h % self.vae_scale_factor or w % self.vae_scale_factor:
+            raise ValueError(
+                f"Expected argument `image` to have a height and width divisible by the VAE factor "
+                f"{self.vae_scale_factor} but it is {h}x{w} (height x width); images are not resized: resize or crop "
+                "them first."
+            )
+        if (height is not None and height != h) or (width is not None and width != w):
+            raise ValueError(
+                f"`height` and `width` have to be the size of `image` ({h}x{w}) or None but are {height} and {width}."
+            )
+        if isinstance(items[0], PIL.Image.Image):
+            items = [item.convert("RGB") for item in items]
+        return self.image_processor.preprocess(items if isinstance(image, list) else items[0], height=h, width=w)
+
+    @staticmethod
+    def image_rows(num_images: int, batch_size: int, num_images_per_prompt: int) -> torch.Tensor:
+        """``[batch_size * num_images_per_prompt]`` the input image of each row of an image-to-image call.
+
+        Rows follow the prompts (each repeated ``num_images_per_prompt`` times, as ``encode_prompt`` repeats them):
+        one image serves every row; otherwise image ``i`` goes with prompt ``i``.
+        """
+        rows = torch.arange(batch_size * num_images_per_prompt)
+        return rows // num_images_per_prompt if num_images > 1 else torch.zeros_like(rows)
+
     def _resolve_classifier(self, classifier: Any, device: torch.device) -> ImageClassifier | None:
         classifier = classifier if classifier is not None else self.classifier
         if classifier is None:
@@ -1926,6 +2107,219 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
 
         return guided_then_user, inputs
 
+    # --- image-to-image ----------------------------------------------------------------------------------------------
+
+    def prepare_image_latents(
+        self,
+        image: torch.Tensor,
+        timestep: torch.Tensor,
+        batch_size: int,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """The starting latents of an image-to-image call, as ``StableDiffusionImg2ImgPipeline.prepare_latents``.
+
+        ``scheduler.add_noise(scaling_factor * E(image), noise, timestep)``: the VAE's encoding of each row's image
+        (a sample of its latent distribution drawn with ``generator``), noised to the call's first timestep with noise
+        drawn from ``generator`` after it. A list of generators gives row ``i`` its own encoding and noise from
+        ``generator[i]``. Rows pair with the prompts as :meth:`image_rows` says (diffusers' img2img repeats a batch
+        of images as a block instead, which pairs them with the wrong prompts when ``num_images_per_prompt > 1``).
+
+        Args:
+            image: ``(N, 3, H, W)`` in ``[-1, 1]``, from :meth:`check_image_inputs`.
+            timestep: ``[batch_size * num_images_per_prompt]`` the first timestep the call runs.
+        """
+        rows = self.image_rows(image.shape[0], batch_size, num_images_per_prompt).to(image.device)
+        total = rows.shape[0]
+        image = image.to(device=device, dtype=dtype)
+        if isinstance(generator, list):
+            if len(generator) != total:
+                raise ValueError(
+                    f"You have passed a list of generators of length {len(generator)}, but requested an effective "
+                    f"batch size of {total}. Make sure the batch size matches the length of the generators."
+                )
+            init_latents = torch.cat(
+                [retrieve_latents(self.vae.encode(image[r : r + 1]), generator=g) for r, g in zip(rows, generator)]
+            )
+        else:
+            init_latents = retrieve_latents(self.vae.encode(image), generator=generator)[rows.to(device)]
+        init_latents = self.vae.config.scaling_factor * init_latents  # (B, c, h, w)
+        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.add_noise(init_latents, noise, timestep)
+
+    def _sample_from_image(
+        self,
+        image: torch.Tensor,
+        strength: float,
+        prompt: str | list[str] | None,
+        num_inference_steps: int,
+        timesteps: list[int] | None,
+        sigmas: list[float] | None,
+        guidance_scale: float,
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        eta: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        ip_adapter_image: PipelineImageInput | None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None,
+        output_type: str,
+        cross_attention_kwargs: dict[str, Any] | None,
+        guidance_rescale: float,
+        clip_skip: int | None,
+        callback_on_step_end: Callable[..., dict] | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> tuple[torch.Tensor, list[bool] | None]:
+        """The Stable Diffusion sampling loop started from ``image`` noised to ``strength``: the image-to-image call.
+
+        As ``StableDiffusionImg2ImgPipeline``: ``int(num_inference_steps * strength)`` steps of the schedule run,
+        the last ones, from :meth:`prepare_image_latents`, and the scheduler is told where they start
+        (``set_begin_index``); plus what :class:`~diffusers.StableDiffusionPipeline`'s loop has (``guidance_rescale``).
+        One difference: k-LMS starts its multistep at order 1 at the first step run, as a sampling call from noise
+        does, instead of using coefficients built on noise levels of steps that never ran (diffusers' img2img passes
+        no ``order``, so its first k-LMS steps mix in coefficients of up to order 4 with a single derivative stored:
+        huggingface/diffusers#5630).
+
+        Returns:
+            ``(images, nsfw)``: ``(B, 3, H, W)`` in ``[0, 1]`` (or latents for ``output_type="latent"``) and the safety
+            checker's flags.
+        """
+        height, width = image.shape[-2:]
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        if isinstance(prompt, str):
+            batch_size = 1
+        elif isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+
+        # 1. Encode the prompt
+        lora_scale = self.cross_attention_kwargs.get("scale") if self.cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image,
+                ip_adapter_image_embeds,
+                device,
+                batch_size * num_images_per_prompt,
+                self.do_classifier_free_guidance,
+            )
+
+        # 2. The timesteps: the last int(num_inference_steps * strength) of the schedule (diffusers' img2img rule)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        num_inference_steps = num_inference_steps - t_start
+
+        # 3. The starting latents: the encoded image noised to the first timestep run
+        latent_timestep = timesteps[:1].repeat(batch_size * num_images_per_prompt)
+        latents = self.prepare_image_latents(
+            image, latent_timestep, batch_size, num_images_per_prompt, prompt_embeds.dtype, device, generator
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        lms = isinstance(self.scheduler, LMSDiscreteScheduler)
+        added_cond_kwargs = {"image_embeds": image_embeds} if image_embeds is not None else None
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(batch_size * num_images_per_prompt)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        # 4. Denoise
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                if self.do_classifier_free_guidance and self.guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+                # k-LMS: the multistep order grows from 1 at the first step run (see the docstring)
+                order = {"order": min(i + 1, LMS_MAX_ORDER)} if lms else {}
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, **order, return_dict=False)[
+                    0
+                ]
+                if callback_on_step_end is not None:
+                    tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 5. Decode and check, as StableDiffusionPipeline does; images in [0, 1]
+        has_nsfw = None
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[
+                0
+            ]
+            images, has_nsfw = self.run_safety_checker(images, device, prompt_embeds.dtype)
+            do_denormalize = [True] * images.shape[0] if has_nsfw is None else [not flag for flag in has_nsfw]
+            images = self.image_processor.postprocess(images, output_type="pt", do_denormalize=do_denormalize)
+        self.maybe_free_model_hooks()
+        return images, has_nsfw
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -1964,6 +2358,8 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
         kldb_max_halvings: int = 3,
         kldb_trust_radius: float = 0.1,
         kldb_step_temperature: float = 0.5,
+        image: PipelineImageInput | None = None,
+        strength: float | None = None,
         **kwargs: Any,
     ) -> KLDBBoundaryPipelineOutput | tuple:
         r"""Generate images pulled toward the decision boundary of ``classes``.
@@ -2019,16 +2415,40 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
                 For `"trust_region"`.
             kldb_step_temperature (`float`, *optional*, defaults to 0.5):
                 For `"kldb_scaled"`, in nats.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                Start from this image instead of pure noise, as `StableDiffusionImg2ImgPipeline` does: the image is
+                encoded by the VAE, noised to the noise level of the first step run, and the last
+                `int(num_inference_steps * strength)` steps run, with KLDB guidance every `kldb_guidance_interval`
+                steps counted from the first step run. Arrays `(H, W, 3)` / `(B, H, W, 3)` and tensors `(3, H, W)` /
+                `(B, 3, H, W)` are floats in [0, 1]; PIL images are converted to RGB. Height and width have to be
+                divisible by the VAE factor (images are not resized). One image serves every prompt; several go one
+                per prompt (a single prompt, such as the default one, is used for each). Without `prompt` and
+                `classes` the prompt is empty (unconditional editing). The output adds, per image, the input's KLDB
+                and class probabilities (`kldb_start`, `probabilities_start`, `predicted_class_start`) and the
+                distance to it (`pixel_l2`, `ssim`).
+            strength (`float`, *optional*, defaults to 0.8 with `image`):
+                In (0, 1]: how much of the schedule runs from `image` (1 starts from its encoding plus noise at the
+                first noise level; smaller stays closer to it). Only with `image`.
 
         Examples:
 
         Returns:
             [`KLDBBoundaryPipelineOutput`] or `tuple`: with `return_dict=False`, the tuple of the output's fields in
             order: `(images, nsfw_content_detected, kldb, entropy, probabilities, predicted_class, classes,
-            skipped_updates, guided_updates, accepted_steps, step_halvings, rejected_steps, auto_guidance)`.
+            skipped_updates, guided_updates, accepted_steps, step_halvings, rejected_steps, auto_guidance, kldb_start,
+            probabilities_start, predicted_class_start, pixel_l2, ssim)`.
         """
+        if image is None and strength is not None:
+            raise ValueError(f"`strength` ({strength!r}) was given without `image`: it only applies to an image.")
+        if image is not None and kwargs:
+            raise TypeError(f"Unexpected keyword arguments for a call with `image`: {sorted(kwargs)}.")
         auto = None
         if isinstance(kldb_guidance_scale, str) and kldb_guidance_scale == "auto":
+            if image is not None:
+                raise ValueError(
+                    "`kldb_guidance_scale='auto'` is not available with `image` yet: pass a number (the pilot samples "
+                    "from noise)."
+                )
             if classes is None:
                 raise ValueError("`kldb_guidance_scale='auto'` needs `classes`: the pilot picks alpha for them.")
             generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
@@ -2063,6 +2483,20 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             prompt,
         )
         check_step_control(kldb_step_control, kldb_max_halvings, kldb_trust_radius, kldb_step_temperature)
+        pixels = None  # (N, 3, H, W) in [-1, 1], the input images of an image-to-image call
+        if image is not None:
+            strength = DEFAULT_STRENGTH if strength is None else strength
+            steps = (
+                len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
+            )
+            pixels = self.check_image_inputs(image, strength, height, width, latents, steps)
+            steps_run = min(int(steps * strength), steps)
+            if kldb_guidance_scale > 0 and classes is not None and kldb_guidance_interval > steps_run:
+                raise ValueError(
+                    f"`kldb_guidance_interval` has to be at most the number of steps an image-to-image call runs, "
+                    f"int(num_inference_steps * strength) = {steps_run}, but is {kldb_guidance_interval}."
+                )
+            height, width = pixels.shape[-2:]
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
@@ -2078,6 +2512,18 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             if adapter.labels is None:
                 raise ValueError("`prompt` was not given and the classifier has no label names to build it from.")
             prompt = class_prompt(adapter.labels, class_indices)
+        if pixels is not None:
+            num_images = pixels.shape[0]
+            if prompt is None and prompt_embeds is None:
+                prompt = ""  # unconditional editing
+            if isinstance(prompt, str) and num_images > 1:
+                prompt = [prompt] * num_images  # one prompt for each image
+            num_prompts = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+            if num_images not in (1, num_prompts):
+                raise ValueError(
+                    f"`image` holds {num_images} images but there are {num_prompts} prompts: pass one image for all "
+                    "prompts, one prompt for all images, or as many images as prompts."
+                )
         if isinstance(prompt, (str, list)) or (prompt is None and isinstance(prompt_embeds, torch.Tensor)):
             batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
             self._check_latents(latents, batch * (num_images_per_prompt or 1), height, width)
@@ -2105,35 +2551,43 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             guidance, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
-        # 3. Sample with the Stable Diffusion loop; images come back as (B, 3, H, W) in [0, 1]
+        # 3. Sample with the Stable Diffusion loop, from noise or from `image`; images come back as (B, 3, H, W) in [0, 1]
         with guidance.attached(self) if guidance is not None else nullcontext():
-            out = super().__call__(
-                prompt=prompt,
-                height=height,
-                width=width,
-                num_inference_steps=num_inference_steps,
-                timesteps=timesteps,
-                sigmas=sigmas,
-                guidance_scale=guidance_scale,
-                negative_prompt=negative_prompt,
-                num_images_per_prompt=num_images_per_prompt,
-                eta=eta,
-                generator=generator,
-                latents=latents,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                ip_adapter_image=ip_adapter_image,
-                ip_adapter_image_embeds=ip_adapter_image_embeds,
-                output_type="latent" if output_type == "latent" else "pt",
-                return_dict=True,
-                cross_attention_kwargs=cross_attention_kwargs,
-                guidance_rescale=guidance_rescale,
-                clip_skip=clip_skip,
-                callback_on_step_end=step_end,
-                callback_on_step_end_tensor_inputs=tensor_inputs,
-                **kwargs,
-            )
-        images, nsfw = out.images, out.nsfw_content_detected
+            if pixels is not None:
+                images, nsfw = self._sample_from_image(
+                    pixels, strength, prompt, num_inference_steps, timesteps, sigmas, guidance_scale, negative_prompt,
+                    num_images_per_prompt or 1, eta, generator, prompt_embeds, negative_prompt_embeds,
+                    ip_adapter_image, ip_adapter_image_embeds, output_type, cross_attention_kwargs, guidance_rescale,
+                    clip_skip, step_end, tensor_inputs,
+                )  # fmt: skip
+            else:
+                out = super().__call__(
+                    prompt=prompt,
+                    height=height,
+                    width=width,
+                    num_inference_steps=num_inference_steps,
+                    timesteps=timesteps,
+                    sigmas=sigmas,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
+                    num_images_per_prompt=num_images_per_prompt,
+                    eta=eta,
+                    generator=generator,
+                    latents=latents,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    ip_adapter_image=ip_adapter_image,
+                    ip_adapter_image_embeds=ip_adapter_image_embeds,
+                    output_type="latent" if output_type == "latent" else "pt",
+                    return_dict=True,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    guidance_rescale=guidance_rescale,
+                    clip_skip=clip_skip,
+                    callback_on_step_end=step_end,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    **kwargs,
+                )
+                images, nsfw = out.images, out.nsfw_content_detected
 
         # 4. Score the returned images
         kldb = ent = probs = predicted = None
@@ -2143,6 +2597,20 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             ent = entropy(logits)
             predicted = logits.argmax(dim=-1)
             kldb = kldb_score(logits, class_indices) if class_indices is not None else None
+        # the input image of each row: its own scores, and how far the returned image moved from it
+        kldb_start = probs_start = predicted_start = l2 = ssim = None
+        if pixels is not None:
+            rows = self.image_rows(
+                pixels.shape[0], images.shape[0] // (num_images_per_prompt or 1), num_images_per_prompt or 1
+            )
+            inputs = self.image_processor.denormalize(pixels)[rows].to(device=images.device)  # (B, 3, H, W) in [0, 1]
+            if adapter is not None:
+                logits_start = checked_logits(adapter(inputs), inputs.shape[0])  # (B, n)
+                probs_start = torch.softmax(logits_start, dim=-1)
+                predicted_start = logits_start.argmax(dim=-1)
+                kldb_start = kldb_score(logits_start, class_indices) if class_indices is not None else None
+            if output_type != "latent":
+                l2, ssim = pixel_l2(images, inputs), structural_similarity(images, inputs)
         skipped = guidance.skipped_updates if guidance is not None else 0
         guided = guidance.guided_updates if guidance is not None else 0
         counts = guidance.step_counts if guidance is not None else None
@@ -2172,6 +2640,11 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             step_halvings=counts["halvings"] if counts is not None else None,
             rejected_steps=counts["rejected"] if counts is not None else None,
             auto_guidance=auto,
+            kldb_start=kldb_start,
+            probabilities_start=probs_start,
+            predicted_class_start=predicted_start,
+            pixel_l2=l2,
+            ssim=ssim,
         )
         # every field in order, also those that are None (BaseOutput.to_tuple would drop them and shift the rest)
         return output if return_dict else tuple(getattr(output, field.name) for field in fields(output))
