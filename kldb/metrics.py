@@ -6,6 +6,10 @@
   *between the audited classes*, not toward a third one);
 - :func:`class_margin`: the gap between the two most probable classes of C (``p_(1) - p_(2)`` among
   ``{p_i : i in C}``; 0 on the boundary; undefined for |C| = 1);
+- bootstrap 95% intervals through ``scipy.stats.bootstrap``: :func:`median_interval` for a median over images and
+  :func:`paired_relative_change_interval` for ``median(guided) / median(prompt-only) - 1`` resampled by seed, with the
+  fixed defaults :data:`BOOTSTRAP_RESAMPLES`, :data:`BOOTSTRAP_SEED`, :data:`BOOTSTRAP_CONFIDENCE` and
+  :data:`BOOTSTRAP_METHOD` (:func:`bootstrap_settings` checks them and gives the record a report stores);
 - FID computed by torchmetrics' ``FrechetInceptionDistance``, on features chosen by the user: the audited
   classifier's penultimate features (:class:`ClassifierFeatures`, offline, the default) or InceptionV3 (through
   torch-fidelity, only with its weights in a local file).
@@ -15,8 +19,11 @@ What applies them to a run folder (statistics per setting, FID against reference
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,8 @@ import numpy as np
 import torch
 
 from kldb.errors import KLDBInputError, KLDBInputTypeError, KLDBPathError
+
+logger = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("classifier", "inception")
 
@@ -85,6 +94,198 @@ def class_margin(class_probabilities: Sequence[float]) -> float | None:
     if len(probabilities) < 2:
         return None
     return probabilities[0] - probabilities[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals (scipy.stats.bootstrap)
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: Resamples of every bootstrap interval a report gives, unless told otherwise (``kldb report --bootstrap-resamples``).
+BOOTSTRAP_RESAMPLES = 2000
+#: Seed of the resampling (``numpy.random.default_rng(seed)``), so that a rerun gives the same intervals.
+BOOTSTRAP_SEED = 0
+#: Two-sided confidence level of the intervals.
+BOOTSTRAP_CONFIDENCE = 0.95
+#: The percentile interval. BCa is not the default: its acceleration comes from the jackknife, which is inconsistent
+#: for a median, and its bias correction counts resampled medians below the observed one, which the many ties of
+#: resampled medians distort; on a degenerate bootstrap distribution it gives no interval at all.
+BOOTSTRAP_METHOD = "percentile"
+BOOTSTRAP_METHODS = ("percentile", "basic", "BCa")
+
+
+def bootstrap_settings(
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    method: str = BOOTSTRAP_METHOD,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Check the bootstrap's arguments and return the record a report stores beside its intervals.
+
+    Args:
+        resamples: number of bootstrap resamples, >= 1.
+        seed: seed of ``numpy.random.default_rng``, an integer >= 0.
+        confidence: two-sided confidence level, in (0, 1).
+        method: one of :data:`BOOTSTRAP_METHODS` (``scipy.stats.bootstrap``'s ``method``).
+        prefix: put before the argument names in error messages (``"bootstrap_"`` for ``bootstrap_resamples``).
+
+    Example:
+        >>> bootstrap_settings()["resamples"], bootstrap_settings()["method"]
+        (2000, 'percentile')
+    """
+    import scipy
+
+    if not isinstance(resamples, int | np.integer) or isinstance(resamples, bool) or resamples < 1:
+        raise KLDBInputError(f"Expected argument `{prefix}resamples` to be a positive integer but got {resamples!r}.")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+        raise KLDBInputError(f"Expected argument `{prefix}seed` to be an integer >= 0 but got {seed!r}.")
+    if (
+        not isinstance(confidence, float | int | np.floating)
+        or isinstance(confidence, bool)
+        or not 0.0 < float(confidence) < 1.0
+    ):
+        raise KLDBInputError(
+            f"Expected argument `{prefix}confidence` to be a number in (0, 1) but got {confidence!r}."
+        )
+    if method not in BOOTSTRAP_METHODS:
+        raise KLDBInputError(
+            f"Expected argument `{prefix}method` to be one of {list(BOOTSTRAP_METHODS)} but got {method!r}."
+        )
+    return {
+        "resamples": int(resamples),
+        "seed": int(seed),
+        "confidence": float(confidence),
+        "method": method,
+        "implementation": f"scipy.stats.bootstrap (scipy {scipy.__version__})",
+    }
+
+
+def _sample(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0 or not np.isfinite(array).all():
+        raise KLDBInputError(
+            f"Expected argument `{name}` to be a non-empty 1-d sequence of finite numbers but got {values!r}."
+        )
+    return array
+
+
+def _bootstrap(
+    samples: tuple[np.ndarray, ...],
+    statistic: Callable[..., Any],
+    paired: bool,
+    settings: dict[str, Any],
+) -> tuple[float | None, float | None]:
+    """``scipy.stats.bootstrap`` with the rules for the cases where it gives no interval (see :func:`median_interval`)."""
+    if len(samples[0]) < 2:
+        return None, None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if all(np.all(s == s[0]) for s in samples):  # every resample is the sample itself
+            point = float(statistic(*samples, axis=-1))
+            return (point, point) if np.isfinite(point) else (None, None)
+        import scipy.stats
+
+        rng = np.random.default_rng(settings["seed"])
+        # scipy >= 1.15 calls the generator `rng`; before, `random_state` (same stream for a Generator)
+        seeding = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # scipy's DegenerateDataWarning is one; handled below
+            result = scipy.stats.bootstrap(
+                samples,
+                statistic,
+                n_resamples=settings["resamples"],
+                paired=paired,
+                vectorized=True,
+                confidence_level=settings["confidence"],
+                method=settings["method"],
+                **{seeding: rng},
+            )
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        logger.warning(
+            "The %s bootstrap gave no finite interval (a degenerate bootstrap distribution): reported as none.",
+            settings["method"],
+        )
+        return None, None
+    return low, high
+
+
+def median_interval(
+    values: Sequence[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    method: str = BOOTSTRAP_METHOD,
+) -> tuple[float | None, float | None]:
+    """Bootstrap confidence interval ``(low, high)`` of the median of ``values``, resampling the values.
+
+    ``scipy.stats.bootstrap`` with ``n_resamples=resamples``, ``confidence_level=confidence``, ``method=method`` and
+    the generator ``numpy.random.default_rng(seed)``. Where the bootstrap has nothing to resample, the rule is:
+
+    - one value: ``(None, None)``; one image says nothing about the spread (scipy refuses it too);
+    - all values equal: ``(v, v)``; every resample is the sample itself, so every method's interval is that point
+      (BCa's formulas divide by zero there, so scipy is not called);
+    - any other case where the method gives no finite bound (BCa on a degenerate bootstrap distribution):
+      ``(None, None)``, with a logged warning.
+
+    Example:
+        >>> median_interval([2.0, 2.0, 2.0]), median_interval([1.0])
+        ((2.0, 2.0), (None, None))
+    """
+    settings = bootstrap_settings(resamples, seed, confidence, method)
+    return _bootstrap((_sample(values, "values"),), np.median, False, settings)
+
+
+def relative_median_change(guided: np.ndarray, baseline: np.ndarray, axis: int = -1) -> np.ndarray:
+    r"""``median(guided) / median(baseline) - 1`` along ``axis``: the relative change of Table 1.
+
+    .. math:: \frac{M(\mathrm{guided}) - M(\mathrm{baseline})}{M(\mathrm{baseline})}
+
+    Example:
+        >>> float(relative_median_change(np.array([1.0, 2.0, 3.0]), np.array([4.0, 4.0, 5.0])))
+        -0.5
+    """
+    return np.median(guided, axis=axis) / np.median(baseline, axis=axis) - 1.0
+
+
+def paired_relative_change_interval(
+    guided: Mapping[Hashable, float],
+    baseline: Mapping[Hashable, float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    method: str = BOOTSTRAP_METHOD,
+) -> dict[str, Any]:
+    """Paired bootstrap interval of :func:`relative_median_change`, pairing the two settings by key (the seed).
+
+    Only the keys present in both mappings count; they are sorted, and ``scipy.stats.bootstrap(..., paired=True)``
+    resamples them, so that a resample holds the guided *and* the prompt-only image of each seed it draws. The record
+    order of either setting does not matter. The rules of :func:`median_interval` apply to the pairs (one pair: no
+    interval; no pair: no change either). A baseline median of 0 in a resample makes that resample's change infinite;
+    an interval that is not finite is reported as none.
+
+    Args:
+        guided: value (e.g. KLDB) per key (e.g. seed) of the guided setting.
+        baseline: value per key of the prompt-only (alpha = 0) setting of the same class subset and beta.
+        resamples, seed, confidence, method: as in :func:`median_interval`.
+
+    Returns:
+        ``{"change": ..., "low": ..., "high": ..., "n_paired": ...}``: the change over the paired keys, its interval
+        and the number of pairs; ``None`` where undefined.
+
+    Example:
+        >>> paired_relative_change_interval({0: 1.0, 1: 1.0, 7: 9.0}, {1: 2.0, 0: 2.0})
+        {'change': -0.5, 'low': -0.5, 'high': -0.5, 'n_paired': 2}
+    """
+    settings = bootstrap_settings(resamples, seed, confidence, method)
+    keys = sorted(set(guided) & set(baseline))
+    if not keys:
+        return {"change": None, "low": None, "high": None, "n_paired": 0}
+    g = _sample([guided[k] for k in keys], "guided")
+    b = _sample([baseline[k] for k in keys], "baseline")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = float(relative_median_change(g, b))
+    low, high = _bootstrap((g, b), relative_median_change, True, settings)
+    return {"change": change if np.isfinite(change) else None, "low": low, "high": high, "n_paired": len(keys)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

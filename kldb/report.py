@@ -4,7 +4,13 @@ model-card section.
 Per setting (one class subset C, one alpha, one beta), over its images (:func:`setting_metrics`, :func:`run_metrics`):
 
 - median and interquartile range of KLDB and of the entropy of the full softmax (nats), the paper's measures
-  (:func:`kldb.metrics.summary_statistics`);
+  (:func:`kldb.metrics.summary_statistics`), each median with a bootstrap confidence interval over the setting's images
+  (``median_kldb_low`` / ``median_kldb_high``, ``median_entropy_low`` / ``median_entropy_high``;
+  :func:`kldb.metrics.median_interval`);
+- for a guided setting (alpha > 0), the relative change of the median KLDB and of the median entropy against the
+  prompt-only setting (alpha = 0) of the same class subset and beta, ``median / median_prompt_only - 1``, with a
+  bootstrap interval paired by seed (``relative_kldb_change_low`` / ``_high``, ``relative_entropy_change_low`` /
+  ``_high``, ``n_paired`` seeds; :func:`kldb.metrics.paired_relative_change_interval`);
 - ``top_set_share``: the share of images whose |C| most probable classes are exactly C;
 - ``mean_class_margin``: the mean gap between the two most probable classes of C (undefined for |C| = 1);
 - FID against real images of the audited classes, on the audited classifier's penultimate features (default) or
@@ -13,10 +19,15 @@ Per setting (one class subset C, one alpha, one beta), over its images (:func:`s
 :func:`write_report` writes, into ``<run>/report`` by default:
 
 - ``table1.md``, ``table1.csv``, ``table1.json``: for each class subset and beta, alpha = 0 (prompt-only) against the
-  alpha > 0 with the lowest median KLDB: FID, median KLDB, median entropy and the relative KLDB change;
+  alpha > 0 with the lowest median KLDB: FID, median KLDB, median entropy and the relative KLDB change, the medians and
+  the change with their bootstrap intervals (``_low`` / ``_high`` columns in CSV and JSON, brackets in Markdown);
 - ``settings.csv``, ``metrics.json``: every setting's statistics;
+- the bootstrap's resamples, seed, confidence level and method are recorded under ``"bootstrap"`` in ``metrics.json``
+  and ``table1.json`` (defaults: :data:`kldb.metrics.BOOTSTRAP_RESAMPLES` resamples, seed
+  :data:`kldb.metrics.BOOTSTRAP_SEED`, 95 %, percentile intervals), so a rerun gives the same numbers;
 - ``kldb_distribution.png``: KLDB distribution per alpha, one panel per beta (and class subset);
-- ``median_kldb_vs_alpha.png``: median KLDB against alpha with the interquartile band, one line per beta;
+- ``median_kldb_vs_alpha.png``: median KLDB against alpha with bootstrap interval bars on the median and the
+  interquartile band of the images, one line per beta;
 - ``ambiguous_images.png``: per setting, the images with the lowest KLDB, with their class probabilities;
 - ``model_card_section.md``: a section an auditor can paste into the classifier's model card (Mitchell et al., 2019);
 - ``report.md``: all of the above in one page.
@@ -39,10 +50,17 @@ import torch
 from kldb.errors import KLDBInputError, KLDBPathError
 from kldb.io import atomic_write_bytes, atomic_write_json, atomic_write_text, load_image
 from kldb.metrics import (
+    BOOTSTRAP_CONFIDENCE,
+    BOOTSTRAP_METHOD,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
     FEATURE_KINDS,
     ClassifierFeatures,
+    bootstrap_settings,
     class_margin,
     fid,
+    median_interval,
+    paired_relative_change_interval,
     summary_statistics,
     top_set_is_classes,
 )
@@ -67,13 +85,34 @@ TABLE_FIELDS = (
     "fid_baseline",
     "fid_best",
     "median_kldb_baseline",
+    "median_kldb_baseline_low",
+    "median_kldb_baseline_high",
     "median_kldb_best",
+    "median_kldb_best_low",
+    "median_kldb_best_high",
     "median_entropy_baseline",
+    "median_entropy_baseline_low",
+    "median_entropy_baseline_high",
     "median_entropy_best",
+    "median_entropy_best_low",
+    "median_entropy_best_high",
     "relative_kldb_change",
+    "relative_kldb_change_low",
+    "relative_kldb_change_high",
+    "relative_entropy_change",
+    "relative_entropy_change_low",
+    "relative_entropy_change_high",
     "n_baseline",
     "n_best",
+    "n_paired",
 )
+#: Keys of a setting row (:func:`setting_metrics`) that hold a bootstrap interval's bounds, by the value they bound.
+INTERVAL_KEYS = {
+    "median_kldb": ("median_kldb_low", "median_kldb_high"),
+    "median_entropy": ("median_entropy_low", "median_entropy_high"),
+    "relative_kldb_change": ("relative_kldb_change_low", "relative_kldb_change_high"),
+    "relative_entropy_change": ("relative_entropy_change_low", "relative_entropy_change_high"),
+}
 SETTING_FIELDS = (
     "setting",
     "classes",
@@ -81,13 +120,24 @@ SETTING_FIELDS = (
     "beta",
     "n",
     "median_kldb",
+    "median_kldb_low",
+    "median_kldb_high",
     "kldb_q25",
     "kldb_q75",
     "kldb_iqr",
     "median_entropy",
+    "median_entropy_low",
+    "median_entropy_high",
     "entropy_q25",
     "entropy_q75",
     "entropy_iqr",
+    "relative_kldb_change",
+    "relative_kldb_change_low",
+    "relative_kldb_change_high",
+    "relative_entropy_change",
+    "relative_entropy_change_low",
+    "relative_entropy_change_high",
+    "n_paired",
     "top_set_share",
     "mean_class_margin",
     "fid",
@@ -100,6 +150,12 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     For each class subset and beta: the prompt-only row (alpha = 0) and the alpha > 0 with the lowest median KLDB
     (ties: the smaller alpha), with ``relative_kldb_change = (best - baseline) / baseline``. Without an alpha = 0
     setting the baseline fields are ``None``; without an alpha > 0 the best fields are.
+
+    The bootstrap intervals come from the rows (see :func:`setting_metrics`): ``median_kldb_baseline_low`` /
+    ``_high``, ``median_kldb_best_low`` / ``_high``, ``median_entropy_baseline_low`` / ``_high``,
+    ``median_entropy_best_low`` / ``_high``, and the best row's paired intervals ``relative_kldb_change_low`` /
+    ``_high``, ``relative_entropy_change`` (with ``_low`` / ``_high``) and ``n_paired``. Rows without them (computed
+    elsewhere) give ``None`` there.
     """
     groups: dict[tuple[tuple[str, ...], float], list[dict[str, Any]]] = {}
     for row in rows:
@@ -116,7 +172,9 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             change = (best["median_kldb"] - baseline["median_kldb"]) / baseline["median_kldb"]
 
         def field(row: dict[str, Any] | None, name: str) -> Any:
-            return row[name] if row is not None else None
+            return row.get(name) if row is not None else None
+
+        paired = best if baseline is not None else None  # the best row's change is against this baseline
 
         table.append(
             {
@@ -127,12 +185,26 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "fid_baseline": field(baseline, "fid"),
                 "fid_best": field(best, "fid"),
                 "median_kldb_baseline": field(baseline, "median_kldb"),
+                "median_kldb_baseline_low": field(baseline, "median_kldb_low"),
+                "median_kldb_baseline_high": field(baseline, "median_kldb_high"),
                 "median_kldb_best": field(best, "median_kldb"),
+                "median_kldb_best_low": field(best, "median_kldb_low"),
+                "median_kldb_best_high": field(best, "median_kldb_high"),
                 "median_entropy_baseline": field(baseline, "median_entropy"),
+                "median_entropy_baseline_low": field(baseline, "median_entropy_low"),
+                "median_entropy_baseline_high": field(baseline, "median_entropy_high"),
                 "median_entropy_best": field(best, "median_entropy"),
+                "median_entropy_best_low": field(best, "median_entropy_low"),
+                "median_entropy_best_high": field(best, "median_entropy_high"),
                 "relative_kldb_change": change,
+                "relative_kldb_change_low": field(paired, "relative_kldb_change_low"),
+                "relative_kldb_change_high": field(paired, "relative_kldb_change_high"),
+                "relative_entropy_change": field(paired, "relative_entropy_change"),
+                "relative_entropy_change_low": field(paired, "relative_entropy_change_low"),
+                "relative_entropy_change_high": field(paired, "relative_entropy_change_high"),
                 "n_baseline": field(baseline, "n"),
                 "n_best": field(best, "n"),
+                "n_paired": field(paired, "n_paired"),
             }
         )
     return table
@@ -150,23 +222,62 @@ def _alpha(value: float | None) -> str:
     return "n/a" if value is None else f"{value:g}"
 
 
-def table1_markdown(table: Sequence[dict[str, Any]]) -> str:
-    """Table 1 in the paper's layout: two lines per beta (alpha = 0, then the best alpha)."""
+def _with_interval(value: float | None, low: float | None, high: float | None, digits: int = 4) -> str:
+    """``0.1430 [0.1012, 0.1904]``; the bracket only where both bounds exist."""
+    if value is None or low is None or high is None:
+        return _number(value, digits)
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _percent_with_interval(value: float | None, low: float | None, high: float | None) -> str:
+    """``-48.2% [-55.1%, -40.3%]``; the bracket only where both bounds exist."""
+    if value is None:
+        return "n/a"
+    if low is None or high is None:
+        return f"{100 * value:+.1f}%"
+    return f"{100 * value:+.1f}% [{100 * low:+.1f}%, {100 * high:+.1f}%]"
+
+
+def bootstrap_note(bootstrap: dict[str, Any]) -> str:
+    """One sentence that says what the brackets of the tables are (from :func:`kldb.metrics.bootstrap_settings`)."""
+    return (
+        f"Brackets: {100 * bootstrap['confidence']:g}% bootstrap intervals ({bootstrap['method']}, "
+        f"{bootstrap['resamples']} resamples, seed {bootstrap['seed']}). A median's interval resamples the images of "
+        "its setting; the KLDB change's interval resamples seeds, keeping each seed's prompt-only and guided image "
+        "together (paired by seed)."
+    )
+
+
+def table1_markdown(table: Sequence[dict[str, Any]], bootstrap: dict[str, Any] | None = None) -> str:
+    """Table 1 in the paper's layout: two lines per beta (alpha = 0, then the best alpha).
+
+    Medians and the KLDB change carry their bootstrap intervals in brackets where the rows have them; with
+    ``bootstrap`` (the record of :func:`kldb.metrics.bootstrap_settings`) a note under the table says how they were
+    made.
+    """
     lines = [
         "| classes | β | α | FID ↓ | M(KLDB) ↓ | M(Entropy) ↑ | KLDB change |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in table:
         classes = " / ".join(row["classes"])
+
+        def cell(name: str, row: dict[str, Any] = row) -> str:
+            return _with_interval(row[name], row.get(f"{name}_low"), row.get(f"{name}_high"))
+
         lines.append(
             f"| {classes} | {row['beta']:g} | {_alpha(row['alpha_baseline'])} | {_number(row['fid_baseline'], 2)} | "
-            f"{_number(row['median_kldb_baseline'])} | {_number(row['median_entropy_baseline'])} | |"
+            f"{cell('median_kldb_baseline')} | {cell('median_entropy_baseline')} | |"
         )
-        change = row["relative_kldb_change"]
+        change = _percent_with_interval(
+            row["relative_kldb_change"], row.get("relative_kldb_change_low"), row.get("relative_kldb_change_high")
+        )
         lines.append(
-            f"| | | {_alpha(row['alpha_best'])} | {_number(row['fid_best'], 2)} | {_number(row['median_kldb_best'])} | "
-            f"{_number(row['median_entropy_best'])} | {'n/a' if change is None else f'{100 * change:+.1f}%'} |"
+            f"| | | {_alpha(row['alpha_best'])} | {_number(row['fid_best'], 2)} | {cell('median_kldb_best')} | "
+            f"{cell('median_entropy_best')} | {change} |"
         )
+    if bootstrap is not None:
+        lines += ["", bootstrap_note(bootstrap)]
     return "\n".join(lines) + "\n"
 
 
@@ -187,9 +298,39 @@ def to_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def setting_metrics(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
-    """One row of statistics per setting of a run, in the order the settings first appear in ``records``."""
+def setting_metrics(
+    records: Sequence[ImageRecord],
+    *,
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+    bootstrap_seed: int = BOOTSTRAP_SEED,
+    bootstrap_confidence: float = BOOTSTRAP_CONFIDENCE,
+) -> list[dict[str, Any]]:
+    """One row of statistics per setting of a run, in the order the settings first appear in ``records``.
+
+    Besides the medians, quartiles and shares (module docstring), each row has bootstrap intervals
+    (:data:`kldb.metrics.BOOTSTRAP_METHOD` intervals through ``scipy.stats.bootstrap``):
+
+    - ``median_kldb_low`` / ``median_kldb_high`` and ``median_entropy_low`` / ``median_entropy_high``: the median's
+      interval, resampling the setting's scored images (:func:`kldb.metrics.median_interval`; ``None`` for one image);
+    - for alpha > 0 with a prompt-only (alpha = 0) setting of the same class subset and beta in ``records``:
+      ``relative_kldb_change = median_kldb / median_kldb_prompt_only - 1`` over all images (Table 1's definition), the
+      same for entropy (``relative_entropy_change``), and their intervals ``relative_kldb_change_low`` / ``_high``,
+      ``relative_entropy_change_low`` / ``_high``, resampling the ``n_paired`` seeds that both settings have
+      (:func:`kldb.metrics.paired_relative_change_interval`). These keys are ``None`` for alpha = 0 and without a
+      prompt-only setting.
+
+    Args:
+        records: the run's records.
+        bootstrap_resamples: resamples per interval.
+        bootstrap_seed: seed of the resampling; each interval starts from ``numpy.random.default_rng(seed)``.
+        bootstrap_confidence: two-sided confidence level, in (0, 1).
+    """
+    options = bootstrap_settings(
+        bootstrap_resamples, bootstrap_seed, bootstrap_confidence, BOOTSTRAP_METHOD, prefix="bootstrap_"
+    )
+    options = {k: options[k] for k in ("resamples", "seed", "confidence", "method")}
     rows = []
+    by_seed: dict[str, dict[str, dict[int, float]]] = {}  # setting -> "kldb" / "entropy" -> seed -> value
     for setting, group in iter_settings(records).items():
         first = group[0]
         scored = [r for r in group if r.kldb is not None and r.entropy is not None]
@@ -203,6 +344,12 @@ def setting_metrics(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
             )
         kldb = summary_statistics([r.kldb for r in scored])
         entropy = summary_statistics([r.entropy for r in scored])
+        kldb_low, kldb_high = median_interval([r.kldb for r in scored], **options)
+        entropy_low, entropy_high = median_interval([r.entropy for r in scored], **options)
+        by_seed[setting] = {
+            "kldb": {r.seed: r.kldb for r in scored},
+            "entropy": {r.seed: r.entropy for r in scored},
+        }
         margins = [m for m in (class_margin(r.class_probabilities) for r in scored) if m is not None]
         predicted: dict[str, int] = {}
         for r in group:
@@ -217,11 +364,15 @@ def setting_metrics(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
                 "n": len(group),
                 "n_scored": len(scored),
                 "median_kldb": kldb["median"],
+                "median_kldb_low": kldb_low,
+                "median_kldb_high": kldb_high,
                 "kldb_q25": kldb["q25"],
                 "kldb_q75": kldb["q75"],
                 "kldb_iqr": kldb["iqr"],
                 "mean_kldb": kldb["mean"],
                 "median_entropy": entropy["median"],
+                "median_entropy_low": entropy_low,
+                "median_entropy_high": entropy_high,
                 "entropy_q25": entropy["q25"],
                 "entropy_q75": entropy["q75"],
                 "entropy_iqr": entropy["iqr"],
@@ -230,6 +381,21 @@ def setting_metrics(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
                 "predicted": dict(sorted(predicted.items(), key=lambda item: -item[1])),
             }
         )
+    prompt_only = {(tuple(r["class_indices"]), r["beta"]): r for r in rows if r["alpha"] == 0.0}
+    for row in rows:
+        baseline = prompt_only.get((tuple(row["class_indices"]), row["beta"])) if row["alpha"] > 0.0 else None
+        row["n_paired"] = None
+        for name in ("kldb", "entropy"):
+            change = low = high = None
+            if baseline is not None and baseline[f"median_{name}"] > 0:
+                change = (row[f"median_{name}"] - baseline[f"median_{name}"]) / baseline[f"median_{name}"]
+                paired = paired_relative_change_interval(
+                    by_seed[row["setting"]][name], by_seed[baseline["setting"]][name], **options
+                )
+                low, high, row["n_paired"] = paired["low"], paired["high"], paired["n_paired"]
+            row[f"relative_{name}_change"] = change
+            row[f"relative_{name}_change_low"] = low
+            row[f"relative_{name}_change_high"] = high
     return rows
 
 
@@ -285,6 +451,10 @@ def run_metrics(
     classifier: Any = None,
     inception_weights: str | os.PathLike[str] | None = None,
     reference_limit: int | None = None,
+    *,
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+    bootstrap_seed: int = BOOTSTRAP_SEED,
+    bootstrap_confidence: float = BOOTSTRAP_CONFIDENCE,
 ) -> dict[str, Any]:
     """Statistics of every setting of a run and, with a ``reference``, FID per setting.
 
@@ -296,15 +466,26 @@ def run_metrics(
             (:func:`kldb.runfolder.run_classifier`).
         inception_weights: local InceptionV3 weights file, for ``feature="inception"``.
         reference_limit: use at most this many reference images per class subset.
+        bootstrap_resamples, bootstrap_seed, bootstrap_confidence: the bootstrap of the intervals (see
+            :func:`setting_metrics`).
 
     Returns:
-        ``{"settings": [row, ...], "fid_feature": ..., "reference": ...}``; each row as :func:`setting_metrics`, plus
-        ``fid`` (``None`` without a reference).
+        ``{"run": ..., "fid_feature": ..., "reference": ..., "bootstrap": ..., "settings": [row, ...]}``; each row as
+        :func:`setting_metrics`, plus ``fid`` (``None`` without a reference); ``bootstrap`` is the record of
+        :func:`kldb.metrics.bootstrap_settings` (resamples, seed, confidence, method, implementation).
     """
     if feature not in FEATURE_KINDS:
         raise KLDBInputError(f"Expected argument `feature` to be one of {list(FEATURE_KINDS)} but got {feature!r}.")
+    bootstrap = bootstrap_settings(
+        bootstrap_resamples, bootstrap_seed, bootstrap_confidence, BOOTSTRAP_METHOD, prefix="bootstrap_"
+    )
     records = read_run(run)
-    rows = setting_metrics(records)
+    rows = setting_metrics(
+        records,
+        bootstrap_resamples=bootstrap_resamples,
+        bootstrap_seed=bootstrap_seed,
+        bootstrap_confidence=bootstrap_confidence,
+    )
     for row in rows:
         row["fid"] = None
     if reference is not None:
@@ -335,6 +516,7 @@ def run_metrics(
         "run": str(run),
         "fid_feature": feature if reference is not None else None,
         "reference": str(reference) if reference is not None else None,
+        "bootstrap": bootstrap,
         "settings": rows,
     }
 
@@ -380,22 +562,55 @@ def plot_kldb_distribution(records: Sequence[ImageRecord]) -> bytes:
     return _figure_bytes(figure)
 
 
-def plot_median_kldb_vs_alpha(rows: Sequence[dict[str, Any]]) -> bytes:
-    """Median KLDB against alpha with the interquartile band, one line per (class subset, beta); PNG bytes."""
+def plot_median_kldb_vs_alpha(rows: Sequence[dict[str, Any]], confidence: float = BOOTSTRAP_CONFIDENCE) -> bytes:
+    """Median KLDB against alpha, one line per (class subset, beta); PNG bytes.
+
+    Bars with caps: the bootstrap interval of each median (``median_kldb_low`` / ``median_kldb_high``, where the rows
+    have them); shaded band: the interquartile range of the images (``kldb_q25`` to ``kldb_q75``). The legend names
+    both. Lines are shifted along alpha by up to 1.5 % of its range, so that the bars of different betas do not hide
+    each other.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
     lines: dict[tuple[tuple[str, ...], float], list[dict[str, Any]]] = {}
     for row in rows:
         lines.setdefault((tuple(row["classes"]), float(row["beta"])), []).append(row)
     figure, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (classes, beta), group in lines.items():
+    every_alpha = [float(r["alpha"]) for r in rows]
+    step = 0.03 * (max(every_alpha) - min(every_alpha) if rows else 0.0) / max(len(lines) - 1, 1)
+    for index, ((classes, beta), group) in enumerate(lines.items()):
         group = sorted(group, key=lambda r: r["alpha"])
-        alphas = [r["alpha"] for r in group]
+        shift = (index - (len(lines) - 1) / 2) * step
+        alphas = [r["alpha"] + shift for r in group]
         label = f"β = {beta:g}" if len({c for c, _ in lines}) == 1 else f"{' / '.join(classes)}, β = {beta:g}"
-        ax.plot(alphas, [r["median_kldb"] for r in group], marker="o", label=label)
-        ax.fill_between(alphas, [r["kldb_q25"] for r in group], [r["kldb_q75"] for r in group], alpha=0.15)
+        (line,) = ax.plot(alphas, [r["median_kldb"] for r in group], marker="o", label=label)
+        ax.fill_between(
+            alphas, [r["kldb_q25"] for r in group], [r["kldb_q75"] for r in group], color=line.get_color(), alpha=0.15
+        )
+        bounded = [r for r in group if r.get("median_kldb_low") is not None and r.get("median_kldb_high") is not None]
+        if bounded:
+            low = np.array([r["median_kldb_low"] for r in bounded])
+            high = np.array([r["median_kldb_high"] for r in bounded])
+            ax.errorbar(
+                [r["alpha"] + shift for r in bounded],
+                (low + high) / 2,
+                yerr=(high - low) / 2,  # a bar from low to high, wherever the median lies in it
+                fmt="none",
+                ecolor=line.get_color(),
+                elinewidth=1.5,
+                capsize=4,
+            )
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [
+        Line2D([], [], color="0.3", marker="|", markersize=10, linestyle="none",
+               label=f"bars: {100 * confidence:g}% bootstrap CI of the median"),
+        Patch(facecolor="0.3", alpha=0.15, label="band: IQR of the images"),
+    ]  # fmt: skip
     ax.set_xlabel("α (KLDB guidance)")
-    ax.set_ylabel("median KLDB (nats), IQR band")
-    ax.legend()
+    ax.set_ylabel("median KLDB (nats)")
+    ax.legend(handles=handles, fontsize="small")
     ax.grid(alpha=0.3)
     return _figure_bytes(figure)
 
@@ -440,8 +655,13 @@ def model_card_section(
     table: Sequence[dict[str, Any]],
     info: dict[str, Any],
     per_setting: int = 3,
+    bootstrap: dict[str, Any] | None = None,
 ) -> str:
-    """A Markdown section for the audited classifier's model card: what was tested, the numbers, the boundary images."""
+    """A Markdown section for the audited classifier's model card: what was tested, the numbers, the boundary images.
+
+    Medians and changes are quoted with their bootstrap intervals where the rows have them; ``bootstrap`` (the record
+    of :func:`kldb.metrics.bootstrap_settings`) adds the note that says how they were made.
+    """
     fixed = info.get("fixed", {})
     subsets = sorted({tuple(r.classes) for r in records})
     alphas = sorted({float(r.alpha) for r in records})
@@ -464,17 +684,32 @@ def model_card_section(
         "restricted to them (nats; 0 = the classes share the probability equally).",
         "- Entropy of the full softmax (nats); FID against real images of the audited classes; the share of images "
         "whose top-|C| classes are exactly the audited ones.",
+        "- Medians and the relative KLDB change carry bootstrap confidence intervals (in brackets): a median's "
+        "resamples the images of its setting, the change's resamples the seeds, paired between the prompt-only and "
+        "the guided setting.",
         "",
         "### Quantitative analyses",
         "",
-        table1_markdown(table).rstrip(),
+        table1_markdown(table, bootstrap).rstrip(),
         "",
     ]
     for row in table:
         if row["relative_kldb_change"] is not None:
+            low, high = row.get("relative_kldb_change_low"), row.get("relative_kldb_change_high")
+            interval = ""
+            if low is not None and high is not None:
+                level = f"{100 * bootstrap['confidence']:g}% " if bootstrap is not None else ""
+                interval = (
+                    f" ({level}interval {100 * low:+.1f}% to {100 * high:+.1f}%, paired over {row['n_paired']} seeds)"
+                )
+            before, after = (
+                _with_interval(row[name], row.get(f"{name}_low"), row.get(f"{name}_high"))
+                for name in ("median_kldb_baseline", "median_kldb_best")
+            )
             lines.append(
                 f"- {' / '.join(row['classes'])}, β = {row['beta']:g}: guidance at α = {row['alpha_best']:g} changed "
-                f"the median KLDB by {100 * row['relative_kldb_change']:+.1f}% against prompt-only images."
+                f"the median KLDB from {before} to {after}, by {100 * row['relative_kldb_change']:+.1f}%{interval}, "
+                "against prompt-only images."
             )
     lines += ["", "### Boundary images and what the classifier did on them", ""]
     lines += ["| setting | image | KLDB | entropy | prediction | top probabilities |", "|---|---|---|---|---|---|"]
@@ -512,6 +747,9 @@ def write_report(
     out_dir: str | os.PathLike[str] | None = None,
     metrics: dict[str, Any] | None = None,
     per_setting: int = 6,
+    bootstrap_resamples: int | None = None,
+    bootstrap_seed: int | None = None,
+    bootstrap_confidence: float | None = None,
     **metric_kwargs: Any,
 ) -> dict[str, Any]:
     """Compute the metrics of a sweep folder (unless given) and write every report file; return what was written.
@@ -519,39 +757,63 @@ def write_report(
     Args:
         run: a sweep folder.
         out_dir: where to write (default ``<run>/report``).
-        metrics: the result of :func:`run_metrics`, if already computed.
+        metrics: the result of :func:`run_metrics`, if already computed. Its bootstrap intervals are recomputed from
+            the run's records when it has none or when the bootstrap arguments ask for another bootstrap.
         per_setting: images per setting in the grid of most ambiguous images.
+        bootstrap_resamples: resamples per bootstrap interval; ``None``: as recorded in ``metrics``, else
+            :data:`kldb.metrics.BOOTSTRAP_RESAMPLES`.
+        bootstrap_seed: seed of the resampling; ``None``: as recorded in ``metrics``, else
+            :data:`kldb.metrics.BOOTSTRAP_SEED`.
+        bootstrap_confidence: confidence level of the intervals; ``None``: as recorded, else 0.95.
         **metric_kwargs: passed to :func:`run_metrics` (``reference``, ``feature``, ...).
 
     Returns:
-        ``{"table": [...], "settings": [...], "files": {name: path}}``.
+        ``{"table": [...], "settings": [...], "bootstrap": {...}, "files": {name: path}}``.
     """
     run = Path(run)
     out = Path(out_dir) if out_dir is not None else run / "report"
     if not isinstance(per_setting, int) or isinstance(per_setting, bool) or per_setting < 1:
         raise KLDBInputError(f"Expected argument `per_setting` to be a positive integer but got {per_setting!r}.")
+    recorded = (metrics or {}).get("bootstrap") or {}
+    options = {
+        "bootstrap_resamples": recorded.get("resamples", BOOTSTRAP_RESAMPLES)
+        if bootstrap_resamples is None
+        else bootstrap_resamples,
+        "bootstrap_seed": recorded.get("seed", BOOTSTRAP_SEED) if bootstrap_seed is None else bootstrap_seed,
+        "bootstrap_confidence": recorded.get("confidence", BOOTSTRAP_CONFIDENCE)
+        if bootstrap_confidence is None
+        else bootstrap_confidence,
+    }
+    bootstrap = bootstrap_settings(*options.values(), BOOTSTRAP_METHOD, prefix="bootstrap_")
     records = read_run(run)
     info = run_info(run)
-    metrics = metrics if metrics is not None else run_metrics(run, **metric_kwargs)
+    if metrics is None:
+        metrics = run_metrics(run, **options, **metric_kwargs)
+    elif any(recorded.get(k) != bootstrap[k] for k in ("resamples", "seed", "confidence", "method")):
+        fresh = {r["setting"]: r for r in setting_metrics(records, **options)}
+        interval_keys = [k for bounds in INTERVAL_KEYS.values() for k in bounds]
+        interval_keys += ["relative_kldb_change", "relative_entropy_change", "n_paired"]
+        rows = [{**row, **{k: fresh[row["setting"]][k] for k in interval_keys}} for row in metrics["settings"]]
+        metrics = {**metrics, "bootstrap": bootstrap, "settings": rows}
     rows = metrics["settings"]
     table = table1(rows)
     files = {
-        "table1.md": atomic_write_text(out / "table1.md", table1_markdown(table)),
+        "table1.md": atomic_write_text(out / "table1.md", table1_markdown(table, bootstrap)),
         "table1.csv": atomic_write_text(out / "table1.csv", to_csv(table, TABLE_FIELDS)),
         "table1.json": atomic_write_json(
-            out / "table1.json", {"fid_feature": metrics.get("fid_feature"), "rows": table}
+            out / "table1.json", {"fid_feature": metrics.get("fid_feature"), "bootstrap": bootstrap, "rows": table}
         ),
         "settings.csv": atomic_write_text(out / "settings.csv", to_csv(rows, SETTING_FIELDS)),
         "metrics.json": atomic_write_json(out / "metrics.json", metrics),
         "kldb_distribution.png": atomic_write_bytes(out / "kldb_distribution.png", plot_kldb_distribution(records)),
         "median_kldb_vs_alpha.png": atomic_write_bytes(
-            out / "median_kldb_vs_alpha.png", plot_median_kldb_vs_alpha(rows)
+            out / "median_kldb_vs_alpha.png", plot_median_kldb_vs_alpha(rows, bootstrap["confidence"])
         ),
         "ambiguous_images.png": atomic_write_bytes(
             out / "ambiguous_images.png", ambiguous_grid(run, records, per_setting)
         ),
     }
-    card = model_card_section(records, rows, table, info)
+    card = model_card_section(records, rows, table, info, bootstrap=bootstrap)
     files["model_card_section.md"] = atomic_write_text(out / "model_card_section.md", card)
     fid_note = (
         f"FID on {metrics['fid_feature']} features against `{metrics['reference']}`."
@@ -565,18 +827,26 @@ def write_report(
         "",
         "## Table 1: prompt-only (α = 0) against the best α per β",
         "",
-        table1_markdown(table),
+        table1_markdown(table, bootstrap),
         "## All settings",
         "",
-        "| setting | n | median KLDB [IQR] | median entropy [IQR] | top-set share | mean margin | FID |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | n | median KLDB [CI] | KLDB IQR | median entropy [CI] | entropy IQR | KLDB change vs α = 0 [CI] "
+        "| top-set share | mean margin | FID |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        page.append(
-            f"| {r['setting']} | {r['n']} | {r['median_kldb']:.4f} [{r['kldb_iqr']:.4f}] | "
-            f"{r['median_entropy']:.4f} [{r['entropy_iqr']:.4f}] | {r['top_set_share']:.2f} | "
-            f"{_number(r['mean_class_margin'])} | {_number(r['fid'], 2)} |"
+        kldb, entropy = (
+            _with_interval(r[name], r.get(f"{name}_low"), r.get(f"{name}_high"))
+            for name in ("median_kldb", "median_entropy")
         )
+        change = _percent_with_interval(
+            r.get("relative_kldb_change"), r.get("relative_kldb_change_low"), r.get("relative_kldb_change_high")
+        )
+        page.append(
+            f"| {r['setting']} | {r['n']} | {kldb} | {r['kldb_iqr']:.4f} | {entropy} | {r['entropy_iqr']:.4f} | "
+            f"{change} | {r['top_set_share']:.2f} | {_number(r['mean_class_margin'])} | {_number(r['fid'], 2)} |"
+        )
+    page += ["", bootstrap_note(bootstrap) + " CI: confidence interval; IQR: interquartile range of the images."]
     page += [
         "",
         "![KLDB distribution](kldb_distribution.png)",
@@ -588,7 +858,7 @@ def write_report(
         card,
     ]
     files["report.md"] = atomic_write_text(out / "report.md", "\n".join(page))
-    return {"table": table, "settings": rows, "files": {k: str(v) for k, v in files.items()}}
+    return {"table": table, "settings": rows, "bootstrap": bootstrap, "files": {k: str(v) for k, v in files.items()}}
 
 
 def load_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
