@@ -9,6 +9,7 @@ processes under ``accelerate launch``::
     accelerate launch --num_processes 2 -m kldb.cli sweep --out runs/digits
     kldb report runs/digits                                     # Table 1, plots, model-card section
     kldb compare runs/digits --classifier my.module:load_other  # does the ambiguity carry over?
+    kldb validity runs/digits                                   # are the images still images of C?
 """
 
 from __future__ import annotations
@@ -439,6 +440,36 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-size", type=int, default=64, help="images per classifier pass (default: 64)")
     compare.add_argument("--device", default="cpu", help="device of the second classifier (default: cpu)")
 
+    validity = commands.add_parser(
+        "validity",
+        help="are a run's images still images of C? an independent oracle labels every image",
+        description="Label every image of a run with an independent classifier (the oracle) and report per setting the "
+        "share whose oracle top-1 class is in C (valid), the share judged off-manifold (top-1 outside C, or oracle "
+        "maximum probability below --threshold), and a grid of the most ambiguous valid images (kldb.validity).",
+    )
+    validity.add_argument("run", help="a run folder")
+    validity.add_argument(
+        "--oracle",
+        help="the oracle: a classifier spec ('torchvision:<model>:<weights>', 'package.module:function', a classifier "
+        "folder or Hub id) with the run's label space, or 'clip:<folder or Hub id>' (zero-shot CLIP over the run's "
+        "label names). Default: the digits world's validity classifier for a digits run",
+    )
+    validity.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="oracle maximum probability below which an image is off-manifold, in [0, 1] (default: 0.5)",
+    )
+    validity.add_argument(
+        "--clip-template", default="a photo of a {name}", help="CLIP text per class (default: 'a photo of a {name}')"
+    )
+    validity.add_argument("--out", help="output folder (default: RUN/report)")
+    validity.add_argument(
+        "--per-setting", type=int, default=6, help="valid images per setting in the grid (default: 6)"
+    )
+    validity.add_argument("--batch-size", type=int, default=64, help="images per oracle pass (default: 64)")
+    validity.add_argument("--device", default="cpu", help="device of the oracle (default: cpu)")
+
     demo = commands.add_parser(
         "demo",
         help="prompt-only vs KLDB-guided images from the same seeds (the main job)",
@@ -537,6 +568,31 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_validity(args: argparse.Namespace) -> int:
+    from kldb.validity import run_validity, validity_markdown
+
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
+    check_device(args.device)
+    if args.oracle is not None and args.oracle.startswith("clip:"):
+        check_local_path_spec(args.oracle[len("clip:") :], "--oracle")
+    else:
+        check_local_path_spec(args.oracle, "--oracle")
+    result = run_validity(
+        args.run,
+        oracle=args.oracle,
+        threshold=args.threshold,
+        out_dir=args.out,
+        clip_template=args.clip_template,
+        per_setting=args.per_setting,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(validity_markdown(result))
+    print(f"Wrote {', '.join(sorted(result['files']))} to {Path(result['files']['validity.json']).parent}")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from kldb.demo import run_demo_command
 
@@ -554,6 +610,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run_report(args)
         if args.command == "compare":
             return _run_compare(args)
+        if args.command == "validity":
+            return _run_validity(args)
         if args.command == "demo":
             return _run_demo(args)
         return args.handler(args)  # export, publish

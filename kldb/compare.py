@@ -69,25 +69,45 @@ class RescoredImage:
     top_set_b: list[int]
     a_top_is_c: bool
     b_top_is_c: bool
+    max_probability_b: float  # B's largest class probability
+    class_mass_b: float  # B's probability of C (the sum over its classes)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def check_same_label_space(labels_a: Sequence[str], classifier_b: ImageClassifier, num_classes_b: int) -> None:
-    """Refuse a second classifier whose outputs are not the run classifier's classes (same count, same names)."""
+def check_same_label_space(
+    labels_a: Sequence[str], classifier_b: ImageClassifier, num_classes_b: int, subject: str = "the second classifier"
+) -> None:
+    """Refuse a second classifier whose outputs are not the run classifier's classes (same count, same names).
+
+    ``subject`` names the classifier in the message (e.g. ``"argument `oracle`"``).
+    """
     if num_classes_b != len(labels_a):
         raise KLDBInputError(
-            f"Expected the second classifier to have the run's {len(labels_a)} classes but it returns {num_classes_b} "
-            "logits."
+            f"Expected {subject} to have the run's {len(labels_a)} classes but it returns {num_classes_b} logits."
         )
     labels_b = classifier_b.labels
     if labels_b is not None and [a.casefold() for a in labels_a] != [b.casefold() for b in labels_b]:
         first = next(i for i, (a, b) in enumerate(zip(labels_a, labels_b)) if a.casefold() != b.casefold())
         raise KLDBInputError(
-            f"Expected the second classifier to have the run's label names but class {first} is "
+            f"Expected {subject} to have the run's label names but class {first} is "
             f"{labels_b[first]!r} for it and {labels_a[first]!r} for the run."
         )
+
+
+def checked_second_classifier(
+    run: str | os.PathLike[str],
+    records: Sequence[ImageRecord],
+    classifier: ImageClassifier,
+    subject: str = "the second classifier",
+) -> ImageClassifier:
+    """``classifier`` after checking, on the run's first image, that it has the run's label space."""
+    with torch.no_grad():
+        probe = load_image(Path(run) / records[0].file).unsqueeze(0)
+        num_classes = classifier(probe).shape[-1]
+    check_same_label_space(run_labels(run, records), classifier, num_classes, subject)
+    return classifier
 
 
 @torch.no_grad()
@@ -97,7 +117,7 @@ def score_records(
     classifier: ImageClassifier,
     batch_size: int = 64,
 ) -> list[RescoredImage]:
-    """Rescore the PNGs of ``records`` with ``classifier``; one dict per image with its scores under A and B."""
+    """Rescore the PNGs of ``records`` with ``classifier``: one :class:`RescoredImage` per image, in order."""
     from tqdm.auto import tqdm
 
     out = Path(run_dir)
@@ -107,6 +127,7 @@ def score_records(
         images = torch.stack([load_image(out / r.file) for r in chunk])  # (B, 3, H, W)
         logits = classifier(images)  # (B, n)
         ent = entropy(logits)
+        probabilities = logits.double().softmax(dim=-1)  # (B, n)
         for i, r in enumerate(chunk):
             classes = [int(c) for c in r.class_indices]
             row_logits = logits[i : i + 1]
@@ -127,6 +148,8 @@ def score_records(
                     top_set_b=sorted(top_b),
                     a_top_is_c=top_set_is_classes(r.top_classes, classes),
                     b_top_is_c=top_set_is_classes(top_b, classes),
+                    max_probability_b=float(probabilities[i].max()),
+                    class_mass_b=float(probabilities[i, classes].sum()),
                 )
             )
     return rows
@@ -186,13 +209,9 @@ def compare_run(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise KLDBInputError(f"Expected argument `batch_size` to be a positive integer but got {batch_size!r}.")
     records = read_run(run)
-    labels = run_labels(run, records)
     name = classifier if isinstance(classifier, str) else type(classifier).__name__
     adapter = load_classifier(classifier, device) if isinstance(classifier, str) else as_image_classifier(classifier)
-    with torch.no_grad():
-        probe = load_image(Path(run) / records[0].file).unsqueeze(0)
-        num_classes = adapter(probe).shape[-1]
-    check_same_label_space(labels, adapter, num_classes)
+    checked_second_classifier(run, records, adapter)
     rows = score_records(run, records, adapter, batch_size)
     groups = iter_settings(rows)
     result: dict[str, Any] = {

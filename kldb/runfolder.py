@@ -6,6 +6,7 @@ Layout::
     images/<setting>/seed000028.png  one PNG per (setting, seed), prompt, seed, alpha, beta, KLDB, ... in its metadata
     manifest.rank<N>.jsonl           the lines process N wrote in the current run (one JSON object per image)
     manifest.jsonl                   all lines, merged by the main process at the end of a run
+    auto/<setting>.json              for an alpha "auto" setting: its pilot (alpha chosen, grid, seeds, seconds)
 
 Each manifest line is one :class:`ImageRecord`. Lines written by older versions, without the fields added since
 (``kldb_guidance_decoder``, ``process_index``), still load; fields this version does not know are kept.
@@ -47,8 +48,11 @@ IMAGES_DIR = "images"
 PART_PATTERN = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 TEMP_PATTERN = re.compile(r"^\..+\.tmp$")
 
-#: The identity of an image in a run: (class indices, alpha, beta, seed).
-RecordKey = tuple[tuple[int, ...], float, float, int]
+#: The identity of an image in a run: (class indices, alpha, beta, seed); alpha is ``"auto"`` for the images of an
+#: ``alphas=["auto"]`` setting, whose alpha a pilot chose per class subset and beta.
+RecordKey = tuple[tuple[int, ...], float | str, float, int]
+#: The alpha of a setting whose alpha is chosen by a pilot (``kldb_guidance_scale="auto"``) per class subset and beta.
+AUTO = "auto"
 
 
 class SweepDiskFullError(OSError):
@@ -61,10 +65,11 @@ class SweepDiskFullError(OSError):
 
 
 def record_key(line: Mapping[str, Any]) -> RecordKey:
-    """The identity of a manifest line as read from JSON: (class indices, alpha, beta, seed)."""
+    """The identity of a manifest line as read from JSON: (class indices, alpha, beta, seed); alpha is ``"auto"`` for a
+    line with ``alpha_mode: "auto"`` (its ``alpha`` is the one the pilot chose)."""
     return (
         tuple(int(c) for c in line["class_indices"]),
-        float(line["alpha"]),
+        AUTO if line.get("alpha_mode") == AUTO else float(line["alpha"]),
         float(line["beta"]),
         int(line["seed"]),
     )
@@ -72,12 +77,26 @@ def record_key(line: Mapping[str, Any]) -> RecordKey:
 
 @dataclass(frozen=True)
 class Setting:
-    """One cell of a sweep's grid: a class subset (indices into the classifier's output and their names), alpha, beta."""
+    """One cell of a sweep's grid: a class subset (indices into the classifier's output and their names), alpha, beta.
+
+    ``alpha`` is a number, or ``"auto"``: a pilot chooses it for the class subset and beta before the setting's images
+    are made (:mod:`kldb.sweep`).
+    """
 
     classes: tuple[int, ...]
     class_names: tuple[str, ...]
-    alpha: float
+    alpha: float | str
     beta: float
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether a pilot chooses this setting's alpha."""
+        return self.alpha == AUTO
+
+    @property
+    def guided(self) -> bool:
+        """Whether this setting's images are KLDB-guided (alpha > 0 or ``"auto"``)."""
+        return self.is_auto or float(self.alpha) > 0
 
     @property
     def name(self) -> str:
@@ -85,10 +104,12 @@ class Setting:
         names = "+".join(
             re.sub(r"[^A-Za-z0-9._-]+", "-", n).strip("-") or str(i) for n, i in zip(self.class_names, self.classes)
         )
-        return f"{names}_alpha{self.alpha!r}_beta{self.beta!r}"
+        alpha = AUTO if self.is_auto else repr(self.alpha)
+        return f"{names}_alpha{alpha}_beta{self.beta!r}"
 
     def key(self, seed: int) -> RecordKey:
-        return (tuple(int(c) for c in self.classes), float(self.alpha), float(self.beta), int(seed))
+        alpha = AUTO if self.is_auto else float(self.alpha)
+        return (tuple(int(c) for c in self.classes), alpha, float(self.beta), int(seed))
 
 
 def image_relpath(setting: Setting, seed: int) -> str:
@@ -133,13 +154,19 @@ class ImageRecord:
     process_index: int | None = None
     bytes: int | None = None
     sha256: str | None = None
+    alpha_mode: str | None = None  # "auto": a pilot chose ``alpha`` for this class subset and beta; None: fixed
+    kldb_step_control: str | None = None  # how each guided step was sized ("fixed", the paper's, or a control)
+    accepted_steps: int | None = None  # guided steps this image took
+    step_halvings: int | None = None  # step-size halvings of this image (backtracking / trust region)
+    rejected_steps: int | None = None  # guided steps the step control refused for this image
+    batch_seconds: float | None = None  # wall time of the pipeline call that made this image's batch
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @property
     def key(self) -> RecordKey:
         """(class indices, alpha, beta, seed): the identity of the image in its run."""
         return record_key({"class_indices": self.class_indices, "alpha": self.alpha, "beta": self.beta,
-                           "seed": self.seed})  # fmt: skip
+                           "seed": self.seed, "alpha_mode": self.alpha_mode})  # fmt: skip
 
     @classmethod
     def from_json(cls, line: Mapping[str, Any]) -> ImageRecord:
@@ -153,9 +180,20 @@ class ImageRecord:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest line: every field in order (``None`` as null), then the unknown keys it was read with."""
-        line = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        """The manifest line: every field in order (``None`` as null; the fields of :data:`WRITTEN_WHEN_SET` only when
+        set, so a line of an older version is written back as it was), then the unknown keys it was read with."""
+        line = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "extra" and not (f.name in WRITTEN_WHEN_SET and getattr(self, f.name) is None)
+        }
         return {**line, **self.extra}
+
+
+#: Record fields added with step-size control and ``"auto"`` alphas: written only when they have a value.
+WRITTEN_WHEN_SET = frozenset(
+    ("alpha_mode", "kldb_step_control", "accepted_steps", "step_halvings", "rejected_steps", "batch_seconds")
+)
 
 
 def _required(f: dataclasses.Field) -> bool:

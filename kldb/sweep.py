@@ -14,6 +14,13 @@ manifest records, and the guarantees that every manifest line names a complete P
   every part into ``manifest.jsonl`` (atomically) and removes the parts. Each (setting, seed) is done exactly once.
 - A full disk (``ENOSPC``) stops the run with :class:`~kldb.runfolder.SweepDiskFullError`; the manifest stays
   consistent and the run resumes once space is freed.
+- ``"auto"`` among the alphas: before that setting's images are made, a short pilot chooses its alpha per class subset
+  and beta (:meth:`~pipeline_kldb_boundary.KLDBBoundaryPipeline.choose_guidance_scale`: the lowest median KLDB over
+  ``auto_seeds`` on the log grid ``auto_grid``). The pilot's seeds are moved off the sweep's seeds, so no returned
+  image is one the pilot saw. Its record (the alpha chosen, the grid and its medians, the seeds, its seconds) is
+  written to ``auto/<setting>.json`` before any image of the setting; a resumed run reuses it. Each image of the
+  setting records ``alpha_mode: "auto"`` and the alpha chosen; :func:`auto_pilots` sets the pilots' cost against the
+  images' (the sweep report shows it).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +44,7 @@ from kldb.io import atomic_write_json, finite_or_none, save_png
 from kldb.loading import DTYPES
 from kldb.presets import PRESETS
 from kldb.runfolder import (
+    AUTO,
     CONFIG_NAME,
     MANIFEST_NAME,
     ImageRecord,
@@ -48,15 +57,25 @@ from kldb.runfolder import (
     recover,
     stop_on_full_disk,
 )
-from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS, class_prompt, resolve_classes
+from pipeline_kldb_boundary import (
+    AUTO_GRID,
+    AUTO_SEEDS,
+    GRADIENT_MODES,
+    GUIDANCE_DECODERS,
+    check_step_control,
+    class_prompt,
+    resolve_classes,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AUTO_DIR",
     "FIXED_FIELDS",
     "SweepConfig",
     "SweepDiskFullError",
     "SweepResult",
+    "auto_pilots",
     "build_settings",
     "check_against_pipeline",
     "check_config",
@@ -66,6 +85,7 @@ __all__ = [
 
 TOP_K = 5  # classes recorded per image with their probabilities (at least |C|)
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+AUTO_DIR = "auto"  # the pilots' records of the "auto" settings, one JSON per setting
 # fields of SweepConfig that change the images: a resumed run must use the same values
 FIXED_FIELDS = (
     "pipeline",
@@ -76,6 +96,12 @@ FIXED_FIELDS = (
     "kldb_guidance_interval",
     "kldb_gradient",
     "kldb_guidance_decoder",
+    "kldb_step_control",
+    "kldb_max_halvings",
+    "kldb_trust_radius",
+    "kldb_step_temperature",
+    "auto_grid",
+    "auto_seeds",
     "guidance_vae",
     "guidance_rescale",
     "timestep_spacing",
@@ -100,7 +126,8 @@ class SweepConfig:
             folder or a Hub id.
         classifier: classifier spec (see :func:`kldb.loading.load_classifier`), or ``None`` for the pipeline's own.
         class_subsets: the class subsets C to audit, each as label names or indices.
-        alphas: KLDB guidance strengths; 0 is the prompt-only baseline.
+        alphas: KLDB guidance strengths; 0 is the prompt-only baseline; ``"auto"`` lets a pilot choose alpha per class
+            subset and beta (see the module docstring).
         betas: classifier-free guidance scales.
         seeds: one image per seed and setting; image ``seed`` of every setting starts from the same noise.
         prompt: the prompt of every image; ``None`` builds the paper's ``"<name> and <name>"`` per class subset.
@@ -110,6 +137,12 @@ class SweepConfig:
         kldb_gradient: ``"unet"`` (through the noise prediction, as the authors) or ``"detached"``.
         kldb_guidance_decoder: ``"auto"`` (the pipeline's ``guidance_vae`` when it has one, else its VAE), ``"vae"``
             or ``"guidance_vae"``; each record names the decoder used.
+        kldb_step_control: how each guided step is sized: ``"fixed"`` (the paper's step ``alpha``), ``"backtracking"``,
+            ``"trust_region"`` or ``"kldb_scaled"`` (see the pipeline's ``__call__``); each record counts its accepted
+            steps, halvings and rejected steps.
+        kldb_max_halvings, kldb_trust_radius, kldb_step_temperature: the step controls' parameters.
+        auto_grid: the alphas an ``"auto"`` setting's pilot tries.
+        auto_seeds: the pilot's seeds (moved off ``seeds`` where they meet).
         guidance_vae: a small decoder to give the pipeline as its ``guidance_vae`` (see
             :func:`kldb.loading.load_guidance_vae`: e.g. ``"madebyollin/taesd"`` for Stable Diffusion v1); ``None``
             keeps the pipeline's own (the digits world ships one).
@@ -126,7 +159,7 @@ class SweepConfig:
     pipeline: str = _DIGITS.pipeline
     classifier: str | None = _DIGITS.classifier
     class_subsets: list[list[str | int]] = field(default_factory=lambda: [list(_DIGITS.classes)])
-    alphas: list[float] = field(default_factory=lambda: [0.0, _DIGITS.alpha])
+    alphas: list[float | str] = field(default_factory=lambda: [0.0, _DIGITS.alpha])
     betas: list[float] = field(default_factory=lambda: [_DIGITS.beta])
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     prompt: str | None = None
@@ -135,6 +168,12 @@ class SweepConfig:
     kldb_guidance_interval: int = _DIGITS.kldb_guidance_interval
     kldb_gradient: str = _DIGITS.kldb_gradient
     kldb_guidance_decoder: str = _DIGITS.kldb_guidance_decoder
+    kldb_step_control: str = _DIGITS.kldb_step_control
+    kldb_max_halvings: int = 3
+    kldb_trust_radius: float = 0.1
+    kldb_step_temperature: float = 0.5
+    auto_grid: list[float] = field(default_factory=lambda: list(AUTO_GRID))
+    auto_seeds: list[int] = field(default_factory=lambda: list(AUTO_SEEDS))
     guidance_vae: str | None = None
     guidance_rescale: float = _DIGITS.guidance_rescale
     timestep_spacing: str | None = _DIGITS.timestep_spacing
@@ -185,16 +224,41 @@ def check_config(config: SweepConfig) -> None:
         )
     for name in ("alphas", "betas"):
         values = getattr(config, name)
+        auto = name == "alphas"  # alphas may hold "auto"
         _expect(
             isinstance(values, Sequence)
             and not isinstance(values, str)
             and len(values) > 0
-            and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in values)
+            and all((auto and v == AUTO) or (_is_number(v) and math.isfinite(v) and v >= 0) for v in values)
             and len(set(values)) == len(values),
             name,
-            "a non-empty list of distinct finite numbers >= 0",
+            "a non-empty list of distinct finite numbers >= 0" + (' (or "auto")' if auto else ""),
             values,
         )
+    _expect(
+        isinstance(config.auto_grid, Sequence)
+        and len(config.auto_grid) > 0
+        and all(_is_number(a) and 0 < a < math.inf for a in config.auto_grid)
+        and len(set(config.auto_grid)) == len(config.auto_grid),
+        "auto_grid",
+        "a non-empty list of distinct positive finite alphas",
+        config.auto_grid,
+    )
+    _expect(
+        isinstance(config.auto_seeds, Sequence)
+        and len(config.auto_seeds) > 0
+        and all(_is_int(s) and 0 <= s < 2**62 for s in config.auto_seeds)
+        and len(set(config.auto_seeds)) == len(config.auto_seeds),
+        "auto_seeds",
+        "a non-empty list of distinct integers in [0, 2**62)",
+        config.auto_seeds,
+    )
+    try:
+        check_step_control(
+            config.kldb_step_control, config.kldb_max_halvings, config.kldb_trust_radius, config.kldb_step_temperature
+        )
+    except ValueError as error:
+        raise KLDBInputError(str(error)) from None
     seeds = config.seeds
     _expect(
         isinstance(seeds, Sequence)
@@ -225,7 +289,7 @@ def check_config(config: SweepConfig) -> None:
         value = getattr(config, name)
         _expect(_is_int(value) and value >= 1, name, "a positive integer", value)
     _expect(
-        config.kldb_guidance_interval <= config.num_inference_steps or max(config.alphas) == 0,
+        config.kldb_guidance_interval <= config.num_inference_steps or all(a == 0 for a in config.alphas),
         "kldb_guidance_interval",
         f"at most num_inference_steps={config.num_inference_steps}",
         config.kldb_guidance_interval,
@@ -279,9 +343,10 @@ def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Se
     """
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = config.height or default_size, config.width or default_size
-    guided = max(settings, key=lambda s: s.alpha)  # a guided setting, if there is one: guidance has more to check
+    # a guided setting, if there is one: guidance has more to check ("auto" is checked with its largest grid alpha)
+    guided = max(settings, key=lambda s: max(config.auto_grid) if s.is_auto else s.alpha)
     pipe.check_kldb_inputs(
-        kldb_guidance_scale=guided.alpha,
+        kldb_guidance_scale=max(config.auto_grid) if guided.is_auto else guided.alpha,
         kldb_guidance_interval=config.kldb_guidance_interval,
         kldb_gradient=config.kldb_gradient,
         num_inference_steps=config.num_inference_steps,
@@ -309,7 +374,7 @@ def build_settings(config: SweepConfig, labels: Sequence[str]) -> list[Setting]:
         names = tuple(labels[i] for i in indices)
         for beta in config.betas:
             for alpha in config.alphas:
-                settings.append(Setting(tuple(indices), names, float(alpha), float(beta)))
+                settings.append(Setting(tuple(indices), names, AUTO if alpha == AUTO else float(alpha), float(beta)))
     folders = [s.name for s in settings]
     if len(set(folders)) != len(folders):
         raise KLDBInputError(
@@ -388,6 +453,28 @@ def _prompt(config: SweepConfig, setting: Setting, labels: Sequence[str]) -> str
     return config.prompt if config.prompt is not None else class_prompt(labels, setting.classes)
 
 
+def _call_kwargs(config: SweepConfig, setting: Setting, labels: Sequence[str], classifier: Any) -> dict[str, Any]:
+    """The pipeline arguments every image of ``setting`` shares (all but the alpha, the seeds and the batch size)."""
+    return {
+        "prompt": _prompt(config, setting, labels),
+        "negative_prompt": config.negative_prompt,
+        "classes": list(setting.classes),
+        "classifier": classifier,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": setting.beta,
+        "guidance_rescale": config.guidance_rescale,
+        "kldb_guidance_interval": config.kldb_guidance_interval,
+        "kldb_gradient": config.kldb_gradient,
+        "kldb_guidance_decoder": config.kldb_guidance_decoder,
+        "kldb_step_control": config.kldb_step_control,
+        "kldb_max_halvings": config.kldb_max_halvings,
+        "kldb_trust_radius": config.kldb_trust_radius,
+        "kldb_step_temperature": config.kldb_step_temperature,
+        "height": config.height,
+        "width": config.width,
+    }
+
+
 def _generate_batch(
     pipe: Any,
     classifier: Any,
@@ -396,26 +483,44 @@ def _generate_batch(
     seeds: list[int],
     labels: Sequence[str],
     device: torch.device | str,
+    alpha: float,
 ) -> Any:
     generator_device = "cpu" if str(device).startswith("mps") else device
     return pipe(
-        prompt=_prompt(config, setting, labels),
-        negative_prompt=config.negative_prompt,
-        classes=list(setting.classes),
-        classifier=classifier,
+        **_call_kwargs(config, setting, labels, classifier),
         num_images_per_prompt=len(seeds),
         generator=[torch.Generator(device=generator_device).manual_seed(s) for s in seeds],
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=setting.beta,
-        guidance_rescale=config.guidance_rescale,
-        kldb_guidance_scale=setting.alpha,
-        kldb_guidance_interval=config.kldb_guidance_interval,
-        kldb_gradient=config.kldb_gradient,
-        kldb_guidance_decoder=config.kldb_guidance_decoder,
-        height=config.height,
-        width=config.width,
+        kldb_guidance_scale=alpha,
         output_type="pil",
     )
+
+
+def _pilot_path(out: Path, setting: Setting) -> Path:
+    return out / AUTO_DIR / f"{setting.name}.json"
+
+
+def _run_pilots(
+    pipe: Any, classifier: Any, config: SweepConfig, settings: Sequence[Setting], labels: Sequence[str], out: Path
+) -> None:
+    """Choose the alpha of each ``"auto"`` setting by its pilot, unless a resumed run already recorded it."""
+    for setting in settings:
+        path = _pilot_path(out, setting)
+        if path.is_file():
+            continue
+        logger.info("Pilot for %s: alphas %s over %d seeds.", setting.name, config.auto_grid, len(config.auto_seeds))
+        pilot = pipe.choose_guidance_scale(
+            grid=list(config.auto_grid),
+            seeds=list(config.auto_seeds),
+            avoid_seeds=list(config.seeds),
+            **_call_kwargs(config, setting, labels, classifier),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with stop_on_full_disk(path, 0):
+            atomic_write_json(path, {"setting": setting.name, **pilot})
+
+
+def _read_pilot(out: Path, setting: Setting) -> dict[str, Any]:
+    return json.loads(_pilot_path(out, setting).read_text(encoding="utf-8"))
 
 
 def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> SweepResult:
@@ -464,12 +569,18 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
             )
     state.wait_for_everyone()
 
-    # 3. Everyone reads what is done, then the pending work is split between the processes
+    # 3. Everyone reads what is done; the main process runs the pilots of the "auto" settings with images to make;
+    # then the pending work is split between the processes
     done = {r.key for r in load_records(out)}
     state.wait_for_everyone()  # nobody writes before everyone has read
     order = [s.key(seed) for s in settings for seed in config.seeds]
     pending = [(s, seed) for s in settings for seed in config.seeds if s.key(seed) not in done]
     already = len(order) - len(pending)
+    auto = list(dict.fromkeys(s for s, _ in pending if s.is_auto))
+    if state.is_main_process and auto:
+        _run_pilots(pipe, classifier, config, auto, labels, out)
+    state.wait_for_everyone()
+    chosen = {s: float(_read_pilot(out, s)["kldb_guidance_scale"]) for s in auto}
     if state.is_main_process:
         logger.info(
             "Sweep in %s: %d settings x %d seeds, %d already done, %d to make on %d process(es).",
@@ -485,11 +596,15 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
     try:
         with ManifestWriter(part) as writer:
             for setting, seeds in _batches(mine, config.batch_size):
-                output = _generate_batch(pipe, classifier, config, setting, seeds, labels, device)
+                alpha = chosen[setting] if setting.is_auto else float(setting.alpha)
+                start = time.perf_counter()
+                output = _generate_batch(pipe, classifier, config, setting, seeds, labels, device, alpha)
+                seconds = time.perf_counter() - start
                 skipped += output.skipped_updates
                 for i, seed in enumerate(seeds):
-                    record = _record(config, setting, seed, output, i, labels, len(seeds), decoder)
+                    record = _record(config, setting, seed, output, i, labels, len(seeds), decoder, alpha)
                     record.process_index = state.process_index
+                    record.batch_seconds = round(seconds, 4)
                     path = out / record.file
                     with stop_on_full_disk(path, generated):
                         save_png(path, output.images[i], _png_metadata(record))
@@ -534,16 +649,24 @@ def _record(
     labels: Sequence[str],
     batch: int,
     decoder: str = "vae",
+    alpha: float | None = None,
 ) -> ImageRecord:
-    """The manifest record of image ``i`` of a pipeline ``output`` (its file fields are filled in once it is saved)."""
+    """The manifest record of image ``i`` of a pipeline ``output`` (its file fields are filled in once it is saved);
+    ``alpha`` is the alpha the image was made with (the pilot's choice for an ``"auto"`` setting)."""
+    alpha = float(setting.alpha) if alpha is None else alpha
     probabilities = output.probabilities[i].double()  # (n,)
     top = probabilities.topk(min(len(probabilities), max(TOP_K, len(setting.classes))))
     predicted = int(output.predicted_class[i])
+    guided = alpha > 0
+
+    def count(values: Any) -> int | None:
+        return int(values[i]) if guided and values is not None else None
+
     return ImageRecord(
         setting=setting.name,
         classes=list(setting.class_names),
         class_indices=list(setting.classes),
-        alpha=setting.alpha,
+        alpha=alpha,
         beta=setting.beta,
         seed=seed,
         prompt=_prompt(config, setting, labels),
@@ -551,7 +674,7 @@ def _record(
         num_inference_steps=config.num_inference_steps,
         kldb_guidance_interval=config.kldb_guidance_interval,
         kldb_gradient=config.kldb_gradient,
-        kldb_guidance_decoder=decoder if setting.alpha > 0 else None,
+        kldb_guidance_decoder=decoder if guided else None,
         guidance_rescale=config.guidance_rescale,
         file=image_relpath(setting, seed),
         kldb=_score(float(output.kldb[i]), "KLDB", setting, seed),
@@ -565,6 +688,11 @@ def _record(
         num_classes=len(labels),
         batch_size=batch,
         batch_skipped_updates=int(output.skipped_updates),
+        alpha_mode=AUTO if setting.is_auto else None,
+        kldb_step_control=config.kldb_step_control if guided else None,
+        accepted_steps=count(output.accepted_steps),
+        step_halvings=count(output.step_halvings),
+        rejected_steps=count(output.rejected_steps),
     )
 
 
@@ -589,3 +717,45 @@ def _png_metadata(record: ImageRecord) -> dict[str, Any]:
     metadata["predicted_label"] = record.predicted_label
     metadata["setting"] = record.setting
     return metadata
+
+
+def auto_pilots(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The pilots of a run's ``"auto"`` settings with their cost set against the images they chose for.
+
+    One row per pilot record in ``auto/``: the setting, the alpha chosen, the grid and its median KLDBs, the pilot's
+    seeds and seconds, and, from the manifest, the number of the setting's images, their seconds (each batch's wall
+    time spread over its images) and ``cost_ratio``: (pilot + images) / images seconds, the factor the pilot adds.
+    """
+    from kldb.runfolder import read_jsonl
+
+    out = Path(run_dir)
+    folder = out / AUTO_DIR
+    if not folder.is_dir():
+        return []
+    seconds: dict[str, float] = {}
+    images: dict[str, int] = {}
+    manifest = out / MANIFEST_NAME
+    for line in read_jsonl(manifest) if manifest.is_file() else []:
+        name = line["setting"]
+        images[name] = images.get(name, 0) + 1
+        if line.get("batch_seconds") is not None and line.get("batch_size"):
+            seconds[name] = seconds.get(name, 0.0) + float(line["batch_seconds"]) / int(line["batch_size"])
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        pilot = json.loads(path.read_text(encoding="utf-8"))
+        name = pilot["setting"]
+        made = seconds.get(name)
+        rows.append(
+            {
+                "setting": name,
+                "alpha": pilot["kldb_guidance_scale"],
+                "grid": pilot["grid"],
+                "median_kldb": pilot["median_kldb"],
+                "pilot_seeds": pilot["seeds"],
+                "pilot_seconds": round(float(pilot["seconds"]), 3),
+                "images": images.get(name, 0),
+                "image_seconds": round(made, 3) if made is not None else None,
+                "cost_ratio": round((made + float(pilot["seconds"])) / made, 3) if made else None,
+            }
+        )
+    return rows

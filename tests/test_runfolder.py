@@ -12,6 +12,7 @@ import pytest
 
 from kldb.report import setting_metrics, write_report
 from kldb.runfolder import (
+    WRITTEN_WHEN_SET,
     ImageRecord,
     ManifestWriter,
     iter_settings,
@@ -39,7 +40,8 @@ def test_a_stored_run_loads_as_typed_records():
     records = read_manifest(MINI_RUN)
     assert all(isinstance(r, ImageRecord) for r in records) and len(records) == len(lines) == 4
     for record, line in zip(records, lines):
-        assert dataclasses.asdict(record) == {**line, "extra": {}}
+        new_fields = dict.fromkeys(WRITTEN_WHEN_SET)  # fields added after this run was written: None
+        assert dataclasses.asdict(record) == {**line, **new_fields, "extra": {}}
         assert record.key == (tuple(line["class_indices"]), line["alpha"], line["beta"], line["seed"])
     assert records[0].kldb == pytest.approx(0.7031675577163696) and records[0].kldb_guidance_decoder is None
     assert [(r.alpha, r.kldb_guidance_decoder) for r in records] == [(0.0, None)] * 2 + [(0.3, "vae")] * 2

@@ -269,7 +269,7 @@ def test_resume_with_other_image_settings_is_refused(tmp_path):
     [
         (
             {"alphas": []},
-            r"Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 but got \[\]",
+            r"Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 \(or \"auto\"\) but got \[\]",
         ),
         ({"alphas": [0.1, -0.1]}, r"`alphas` .* but got \[0.1, -0.1\]"),
         ({"alphas": [float("nan")]}, r"`alphas` .* but got \[nan\]"),
