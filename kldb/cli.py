@@ -33,6 +33,7 @@ from kldb.errors import (
     run_command,
 )
 from kldb.loading import DTYPES, resolve_dtype
+from kldb.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from kldb.presets import PRESETS, get_preset
 from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS
 
@@ -423,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--per-setting", type=int, default=6, help="images per setting in the ambiguous-image grid (default: 6)"
     )
+    report.add_argument(
+        "--bootstrap-resamples",
+        type=int,
+        default=BOOTSTRAP_RESAMPLES,
+        help=f"resamples of each bootstrap 95%% interval (default: {BOOTSTRAP_RESAMPLES})",
+    )
+    report.add_argument(
+        "--bootstrap-seed",
+        type=int,
+        default=BOOTSTRAP_SEED,
+        help=f"seed of the bootstrap resampling, recorded in the report (default: {BOOTSTRAP_SEED})",
+    )
 
     compare = commands.add_parser(
         "compare",
@@ -533,6 +546,14 @@ def _run_report(args: argparse.Namespace) -> int:
         raise KLDBInputError(
             f"Expected argument `--reference-limit` to be an integer >= 2 but got {args.reference_limit!r}."
         )
+    if args.bootstrap_resamples < 1:
+        raise KLDBInputError(
+            f"Expected argument `--bootstrap-resamples` to be a positive integer but got {args.bootstrap_resamples!r}."
+        )
+    if args.bootstrap_seed < 0:
+        raise KLDBInputError(
+            f"Expected argument `--bootstrap-seed` to be an integer >= 0 but got {args.bootstrap_seed!r}."
+        )
     reference = args.reference
     if reference is None:
         reference = "digits" if run_info(args.run)["fixed"].get("pipeline") == "digits" else None
@@ -548,8 +569,10 @@ def _run_report(args: argparse.Namespace) -> int:
         feature=args.feature,
         inception_weights=args.inception_weights,
         reference_limit=args.reference_limit,
+        bootstrap_resamples=args.bootstrap_resamples,
+        bootstrap_seed=args.bootstrap_seed,
     )
-    print(table1_markdown(result["table"]))
+    print(table1_markdown(result["table"], result["bootstrap"]))
     print(f"Wrote {', '.join(sorted(result['files']))} to {Path(result['files']['report.md']).parent}")
     return 0
 
