@@ -1948,7 +1948,7 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             low, high = float(item.min()), float(item.max())
             if not (low >= 0.0 and high <= 1.0):  # also refuses nan
                 raise ValueError(f"Expected argument `image` to hold values in [0, 1] but they span [{low}, {high}].")
-            sizes.append(tuple(item.shape[1:3] if isinstance(item, np.ndarray) else item.shape[-2:]))
+            sizes.append(tuple(item.shape[-3:-1] if isinstance(item, np.ndarray) else item.shape[-2:]))
         if len(set(sizes)) > 1:
             raise ValueError(
                 f"Expected argument `image` to hold images of one size but got sizes {sorted(set(sizes))}."
@@ -1966,7 +1966,8 @@ class KLDBBoundaryPipeline(StableDiffusionPipeline):
             )
         if isinstance(items[0], PIL.Image.Image):
             items = [item.convert("RGB") for item in items]
-        return self.image_processor.preprocess(items if isinstance(image, list) else items[0], height=h, width=w)
+        pixels = self.image_processor.preprocess(items if isinstance(image, list) else items[0], height=h, width=w)
+        return pixels.contiguous()  # PIL images come out strided: the same values give the same result in any form
 
     @staticmethod
     def image_rows(num_images: int, batch_size: int, num_images_per_prompt: int) -> torch.Tensor:

@@ -483,6 +483,51 @@ def build_parser() -> argparse.ArgumentParser:
     validity.add_argument("--batch-size", type=int, default=64, help="images per oracle pass (default: 64)")
     validity.add_argument("--device", default="cpu", help="device of the oracle (default: cpu)")
 
+    edit = commands.add_parser(
+        "edit",
+        help="from a photo to its nearest boundary image: a strength x alpha grid of guided edits (kldb.counterfactual)",
+        description="Edit one image toward the decision boundary of --classes: the pipeline starts from the image "
+        "noised to each --strengths and runs KLDB guidance at each --alphas, same seed everywhere. Writes every "
+        "candidate, the nearest boundary image (least distance to the input among those with KLDB below --threshold; "
+        "none if no candidate gets there) and counterfactual.json into --out, each file atomically.",
+    )
+    edit.add_argument("image", help="the image file (RGB; height and width divisible by the VAE factor, or --size)")
+    edit.add_argument("--out", required=True, help="output folder")
+    edit.add_argument(
+        "--preset", default="digits", choices=sorted(PRESETS), help=f"named setup: {_preset_help()}. Default: digits."
+    )
+    edit.add_argument("--pipeline", help="pipeline spec, as for `kldb generate` (default: the preset's)")
+    edit.add_argument("--classes", nargs="+", metavar="CLASS", help="the class subset C (default: the preset's)")
+    edit.add_argument("--prompt", help="the prompt (default: the class names joined with ' and '; '' for none)")
+    edit.add_argument(
+        "--strengths", nargs="+", type=float, metavar="S", help="img2img strengths in (0, 1] (default: 0.3 0.5 0.7)"
+    )
+    edit.add_argument(
+        "--alphas",
+        nargs="+",
+        type=float,
+        metavar="ALPHA",
+        help="KLDB guidance strengths (default: the preset's alpha)",
+    )
+    edit.add_argument(
+        "--threshold", type=float, help="KLDB (nats) below which an image is on the boundary (default: 0.1)"
+    )
+    edit.add_argument(
+        "--distance",
+        choices=("pixel_l2", "ssim"),
+        default="pixel_l2",
+        help="distance to the input (default: pixel_l2)",
+    )
+    edit.add_argument(
+        "--size", nargs=2, type=int, metavar=("H", "W"), help="resize the image to H x W first (bilinear)"
+    )
+    edit.add_argument("--seed", type=int, default=0, help="generator seed of every call (default: 0)")
+    edit.add_argument("--steps", type=int, help="k-LMS steps T before strength (default: the preset's)")
+    edit.add_argument("--beta", type=float, help="classifier-free guidance scale (default: the preset's)")
+    edit.add_argument("--interval", type=int, help="KLDB guidance every k steps run (default: the preset's)")
+    edit.add_argument("--dtype", choices=("auto", *DTYPES), help="weights dtype (default: the preset's)")
+    edit.add_argument("--device", default="cpu", help="device (default: cpu)")
+
     demo = commands.add_parser(
         "demo",
         help="prompt-only vs KLDB-guided images from the same seeds (the main job)",
@@ -616,6 +661,64 @@ def _run_validity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_edit(args: argparse.Namespace) -> int:
+    from kldb.counterfactual import DEFAULT_STRENGTHS, DEFAULT_THRESHOLD, counterfactual, write_counterfactual
+    from kldb.io import load_image
+    from kldb.loading import load_pipeline
+
+    preset = get_preset(args.preset)
+    check_output_folder(args.out, "--out")
+    check_device(args.device)
+    check_local_path_spec(args.pipeline, "--pipeline")
+    if not Path(args.image).is_file():
+        raise KLDBPathError(f"Expected argument `image` to be an image file but got {args.image!r}.")
+    if args.size is not None and min(args.size) < 1:
+        raise KLDBInputError(f"Expected argument `--size` to be two positive integers but got {args.size!r}.")
+    pipe = load_pipeline(
+        args.pipeline or preset.pipeline,
+        device=args.device,
+        dtype=resolve_dtype(args.dtype or preset.dtype, args.device),
+    )
+    overrides = {"timestep_spacing": preset.timestep_spacing} if preset.timestep_spacing else {}
+    if preset.use_karras_sigmas:
+        overrides["use_karras_sigmas"] = True
+    if overrides:
+        pipe.set_lms_scheduler(**overrides)
+    pipe.set_progress_bar_config(disable=True)
+    image = load_image(args.image, size=tuple(args.size) if args.size is not None else None)  # (3, H, W) in [0, 1]
+    result = counterfactual(
+        pipe,
+        image,
+        _class_subsets([args.classes or list(preset.classes)])[0],
+        strengths=args.strengths or DEFAULT_STRENGTHS,
+        alphas=args.alphas or [preset.alpha],
+        threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+        distance=args.distance,
+        seed=args.seed,
+        prompt=args.prompt,
+        num_inference_steps=args.steps or preset.num_inference_steps,
+        guidance_scale=preset.beta if args.beta is None else args.beta,
+        kldb_guidance_interval=args.interval or preset.kldb_guidance_interval,
+        guidance_rescale=preset.guidance_rescale,
+        negative_prompt=preset.negative_prompt,
+    )
+    write_counterfactual(result, args.out)
+    print("| strength | alpha | KLDB start | KLDB | pixel L2 | SSIM | class before -> after |")
+    print("|---|---|---|---|---|---|---|")
+    for k, c in enumerate(result.candidates):
+        ssim = f"{c.ssim:.3f}" if c.ssim is not None else "-"
+        mark = " (nearest)" if k == result.nearest else ""
+        print(
+            f"| {c.strength:g} | {c.alpha:g} | {c.kldb_start:.3f} | {c.kldb:.3f}{mark} | {c.pixel_l2:.3f} | {ssim} | "
+            f"{c.predicted_class_start} -> {c.predicted_class} |"
+        )
+    if result.found:
+        print(f"\nNearest boundary image: {Path(args.out) / 'nearest.png'}")
+    else:
+        print(f"\nNo candidate reached KLDB < {result.threshold:g}; try larger strengths or alphas.")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from kldb.demo import run_demo_command
 
@@ -637,6 +740,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run_validity(args)
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "edit":
+            return _run_edit(args)
         return args.handler(args)  # export, publish
     except ModuleNotFoundError as error:
         # an optional dependency needed only by some options (e.g. scikit-learn for the digits reference images)
