@@ -541,6 +541,29 @@ def build_parser() -> argparse.ArgumentParser:
     from kldb.hub_cli import add_hub_commands
 
     add_hub_commands(commands)  # `kldb export` and `kldb publish`
+
+    publish_run = commands.add_parser(
+        "publish-run",
+        help="upload a run folder as a Hugging Face dataset (images, metadata.jsonl, card); --dry-run lists the files",
+        description="Write metadata.jsonl (the run loads with datasets.load_dataset('imagefolder', data_dir=RUN)) and "
+        "a dataset card (README.md) into a finished run folder, then upload the folder as a dataset repo, after a "
+        "security scan. The token is HF_TOKEN or the stored login (`hf auth login`), never an option.",
+    )
+    publish_run.add_argument("run", help="a finished run folder written by `kldb sweep` (run `kldb report` first)")
+    publish_run.add_argument("repo_id", help="namespace/name of the dataset repo (created if missing)")
+    publish_run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write metadata.jsonl and README.md into RUN and list what would be uploaded; send nothing",
+    )
+    publish_run.add_argument("--private", action="store_true", help="create the repo private")
+    publish_run.add_argument(
+        "--license",
+        default=None,
+        help="Hub licence identifier for the card (default: creativeml-openrail-m for Stable Diffusion v1, else "
+        "apache-2.0)",
+    )
+    publish_run.add_argument("--commit-message", default=None, help="commit message of the upload")
     return parser
 
 
@@ -726,6 +749,20 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo_command(args)
 
 
+def _run_publish_run(args: argparse.Namespace) -> int:
+    from kldb.dataset import CARD_NAME, publish_run
+
+    kwargs: dict[str, Any] = {"dry_run": args.dry_run, "private": args.private, "license": args.license}
+    if args.commit_message:
+        kwargs["commit_message"] = args.commit_message
+    result = publish_run(args.run, args.repo_id, **kwargs)
+    print(result.listing())
+    print(f"Dataset card: {Path(args.run) / CARD_NAME}")
+    if not args.dry_run:
+        print(f"Done: {result.url or args.repo_id}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed command; an optional module found missing late becomes a :class:`MissingExtraError`."""
     try:
@@ -740,6 +777,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run_validity(args)
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "publish-run":
+            return _run_publish_run(args)
         if args.command == "edit":
             return _run_edit(args)
         return args.handler(args)  # export, publish
