@@ -117,6 +117,8 @@ SETTING_FIELDS = (
     "setting",
     "classes",
     "alpha",
+    "alpha_mode",
+    "step_control",
     "beta",
     "n",
     "median_kldb",
@@ -140,6 +142,8 @@ SETTING_FIELDS = (
     "n_paired",
     "top_set_share",
     "mean_class_margin",
+    "mean_step_halvings",
+    "rejected_step_share",
     "fid",
 )
 
@@ -182,6 +186,7 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "beta": beta,
                 "alpha_baseline": field(baseline, "alpha"),
                 "alpha_best": field(best, "alpha"),
+                "alpha_mode_best": field(best, "alpha_mode"),
                 "fid_baseline": field(baseline, "fid"),
                 "fid_best": field(best, "fid"),
                 "median_kldb_baseline": field(baseline, "median_kldb"),
@@ -218,8 +223,11 @@ def _number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _alpha(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:g}"
+def _alpha(value: float | None, mode: str | None = None) -> str:
+    """``0.1``; ``auto (0.1)`` for an alpha a pilot chose."""
+    if value is None:
+        return "n/a"
+    return f"auto ({value:g})" if mode == "auto" else f"{value:g}"
 
 
 def _with_interval(value: float | None, low: float | None, high: float | None, digits: int = 4) -> str:
@@ -273,7 +281,7 @@ def table1_markdown(table: Sequence[dict[str, Any]], bootstrap: dict[str, Any] |
             row["relative_kldb_change"], row.get("relative_kldb_change_low"), row.get("relative_kldb_change_high")
         )
         lines.append(
-            f"| | | {_alpha(row['alpha_best'])} | {_number(row['fid_best'], 2)} | {cell('median_kldb_best')} | "
+            f"| | | {_alpha(row['alpha_best'], row.get('alpha_mode_best'))} | {_number(row['fid_best'], 2)} | {cell('median_kldb_best')} | "
             f"{cell('median_entropy_best')} | {change} |"
         )
     if bootstrap is not None:
@@ -354,12 +362,16 @@ def setting_metrics(
         predicted: dict[str, int] = {}
         for r in group:
             predicted[r.predicted_label] = predicted.get(r.predicted_label, 0) + 1
+        counted = [r for r in group if r.accepted_steps is not None and r.rejected_steps is not None]
+        tried = sum(r.accepted_steps + r.rejected_steps for r in counted)
         rows.append(
             {
                 "setting": setting,
                 "classes": list(first.classes),
                 "class_indices": list(first.class_indices),
                 "alpha": float(first.alpha),
+                "alpha_mode": first.alpha_mode,  # "auto": a pilot chose alpha (kldb.sweep.auto_pilots)
+                "step_control": first.kldb_step_control,
                 "beta": float(first.beta),
                 "n": len(group),
                 "n_scored": len(scored),
@@ -378,6 +390,9 @@ def setting_metrics(
                 "entropy_iqr": entropy["iqr"],
                 "top_set_share": sum(top_set_is_classes(r.top_classes, r.class_indices) for r in scored) / len(scored),
                 "mean_class_margin": float(np.mean(margins)) if margins else None,
+                # the step control's counts, where the records have them (guided images of runs since 0.2)
+                "mean_step_halvings": float(np.mean([r.step_halvings for r in counted])) if counted else None,
+                "rejected_step_share": sum(r.rejected_steps for r in counted) / tried if tried else None,
                 "predicted": dict(sorted(predicted.items(), key=lambda item: -item[1])),
             }
         )
@@ -813,6 +828,11 @@ def write_report(
             out / "ambiguous_images.png", ambiguous_grid(run, records, per_setting)
         ),
     }
+    from kldb.sweep import auto_pilots
+
+    pilots = auto_pilots(run)
+    if pilots:
+        files["auto_pilots.json"] = atomic_write_json(out / "auto_pilots.json", pilots)
     card = model_card_section(records, rows, table, info, bootstrap=bootstrap)
     files["model_card_section.md"] = atomic_write_text(out / "model_card_section.md", card)
     fid_note = (
@@ -847,6 +867,8 @@ def write_report(
             f"{change} | {r['top_set_share']:.2f} | {_number(r['mean_class_margin'])} | {_number(r['fid'], 2)} |"
         )
     page += ["", bootstrap_note(bootstrap) + " CI: confidence interval; IQR: interquartile range of the images."]
+    if pilots:
+        page += ["", auto_pilots_markdown(pilots)]
     page += [
         "",
         "![KLDB distribution](kldb_distribution.png)",
@@ -859,6 +881,29 @@ def write_report(
     ]
     files["report.md"] = atomic_write_text(out / "report.md", "\n".join(page))
     return {"table": table, "settings": rows, "bootstrap": bootstrap, "files": {k: str(v) for k, v in files.items()}}
+
+
+def auto_pilots_markdown(pilots: Sequence[dict[str, Any]]) -> str:
+    """The section of the report on the settings whose alpha a pilot chose (``alphas`` with ``"auto"``): the alpha
+    chosen, the grid's median KLDBs, the pilot's seeds, and its cost set against the images it chose for."""
+    lines = [
+        "## Alpha chosen by a pilot (`auto`)",
+        "",
+        "Each pilot sampled one image per pilot seed at each alpha of its grid (with the run's other settings) and kept "
+        "the alpha with the lowest median KLDB. Its seeds are never the run's. Cost: (pilot + images) / images seconds.",
+        "",
+        "| setting | alpha chosen | grid: median KLDB | pilot seeds | pilot s | images | images s | cost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in pilots:
+        grid = ", ".join(f"{a:g}: {m:.3f}" for a, m in zip(p["grid"], p["median_kldb"]))
+        seeds = ", ".join(str(s) for s in p["pilot_seeds"])
+        cost = "n/a" if p["cost_ratio"] is None else f"{p['cost_ratio']:.2f}x"
+        lines.append(
+            f"| {p['setting']} | {p['alpha']:g} | {grid} | {seeds} | {p['pilot_seconds']:.1f} | {p['images']} | "
+            f"{_number(p['image_seconds'], 1)} | {cost} |"
+        )
+    return "\n".join(lines)
 
 
 def load_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -183,3 +183,27 @@ def test_setting_names_and_keys_of_auto():
     assert setting.name == "three+eight_alphaauto_beta6.0" and setting.is_auto and setting.guided
     assert setting.key(5) == ((3, 8), "auto", 6.0, 5)
     assert not Setting((3, 8), ("three", "eight"), 0.0, 6.0).guided
+
+
+def test_the_report_shows_the_pilots_and_the_step_counts(auto_run, tmp_path):
+    from kldb.report import write_report
+
+    _, out, _ = auto_run
+    result = write_report(out, out_dir=tmp_path / "report")
+    (row,) = json.loads((tmp_path / "report" / "auto_pilots.json").read_text())
+    assert row == auto_pilots(out)[0]
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "## Alpha chosen by a pilot (`auto`)" in page
+    assert f"| {row['setting']} | {row['alpha']:g} |" in page and f"{row['cost_ratio']:.2f}x" in page
+    rows = {r["setting"]: r for r in result["settings"]}
+    auto = rows["three+two_alphaauto_beta3.0"]
+    lines = [r for r in read_jsonl(out / "manifest.jsonl") if r["setting"] == "three+two_alphaauto_beta3.0"]
+    assert (auto["alpha_mode"], auto["step_control"], auto["alpha"]) == ("auto", "backtracking", row["alpha"])
+    assert auto["mean_step_halvings"] == pytest.approx(sum(r["step_halvings"] for r in lines) / len(lines))
+    tried = sum(r["accepted_steps"] + r["rejected_steps"] for r in lines)
+    assert auto["rejected_step_share"] == pytest.approx(sum(r["rejected_steps"] for r in lines) / tried)
+    prompt_only = rows["three+two_alpha0.0_beta3.0"]
+    assert prompt_only["alpha_mode"] is None and prompt_only["mean_step_halvings"] is None
+    (table,) = result["table"]
+    assert (table["alpha_best"], table["alpha_mode_best"]) == (row["alpha"], "auto")  # the only guided setting
+    assert f"| | | auto ({row['alpha']:g}) |" in (tmp_path / "report" / "table1.md").read_text()
