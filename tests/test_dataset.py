@@ -27,6 +27,7 @@ from kldb.dataset import (
     dataset_card,
     metadata_rows,
     publish_run,
+    split_name_paths,
     sweep_command,
     write_imagefolder_metadata,
 )
@@ -220,10 +221,43 @@ def test_split_names_in_folder_names_are_warned_about(mini_run, tmp_path, caplog
     (mini_run / "manifest.jsonl").write_text(text)
     with caplog.at_level(logging.WARNING, logger="kldb.dataset"):
         write_imagefolder_metadata(mini_run)
-    assert "would find the split names ['train']" in caplog.text and "data_files='metadata.jsonl'" in caplog.text
+    assert f"would take split names from images/{new}/ and leave the metadata out" in caplog.text
+    assert "data_files='metadata.jsonl'" in caplog.text
     plain = load(tmp_path, "imagefolder", data_dir=str(mini_run))
     assert list(plain.features) == ["image"]  # what the warning is about: the metadata is left out
     assert_rows_match_run(load(tmp_path, "imagefolder", data_dir=str(mini_run), data_files=METADATA_NAME), mini_run)
+
+
+@pytest.mark.parametrize(
+    ("path", "split"),
+    [
+        ("images/three+bullet-train_alpha0.1_beta6.0/seed000000.png", True),
+        ("images/train+two_alpha0.1_beta6.0/seed000000.png", False),  # "+" does not set a word off
+        ("images/test/seed000000.png", True),
+        ("images/three+dev_alpha0.1_beta6.0/seed000000.png", False),
+        ("images/three+data-dev_alpha0.1_beta6.0/seed000000.png", True),
+        ("images/evaluation-set+two_alpha0.1_beta6.0/seed000000.png", True),
+        ("images/three+validity_alpha0.1_beta6.0/seed000000.png", False),
+        ("map/validity.png", False),
+        ("map/valid_share.png", True),
+        ("report/val.png", True),
+        ("report/table1.md", False),
+        ("report/run.eval", True),
+        ("report/Train_curve.png", False),  # case matters
+        (".cache/test-1/x.png", False),  # hidden: skipped
+        ("__pycache__/test_x.png", False),
+        ("report/__test_x.png", True),  # a file starting with "__" is read
+    ],
+)
+def test_split_names_as_datasets_finds_them(tmp_path, path, split):
+    """split_name_paths against `datasets`' own inference of a data_dir's splits, on a run with one more file."""
+    from datasets.data_files import get_data_patterns
+
+    run = Path(shutil.copytree(MINI_RUN, tmp_path / "run"))
+    (run / path).parent.mkdir(parents=True, exist_ok=True)
+    (run / path).write_bytes(b"x")
+    assert (get_data_patterns(str(run)) != {"train": ["**"]}) is split
+    assert bool(split_name_paths(run)) is split
 
 
 def test_metadata_errors(tmp_path):
