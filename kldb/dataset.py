@@ -287,6 +287,7 @@ def sweep_command(run_dir: str | os.PathLike[str], out: str | None = None) -> tu
         from settings the last command did not name).
     """
     from kldb.cli import generation_options  # the flags' one definition; imported only here, when a card is written
+    from kldb.presets import PRESETS
     from kldb.sweep import SweepConfig
 
     run = _check_run_dir(run_dir)
@@ -315,6 +316,8 @@ def sweep_command(run_dir: str | os.PathLike[str], out: str | None = None) -> tu
         covered.add(option.config)
         value = getattr(config, option.config)
         if value is None:
+            if option.preset is not None and getattr(PRESETS["digits"], option.preset) is not None:
+                notes.append(f"`{option.config}` was None, which no value of {option.flag} says (Python API).")
             continue
         if option.argparse.get("action") == "append":  # --classes: one flag per class subset
             for subset in value:
@@ -386,8 +389,8 @@ def _numbers(values: Sequence[Any]) -> str:
 def _seeds_text(seeds: Sequence[int]) -> str:
     seeds = sorted(set(seeds))
     if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
-        return f"{seeds[0]}..{seeds[-1]} ({len(seeds)} per setting)"
-    return f"{_numbers(seeds)} ({len(seeds)} per setting)"
+        return f"{seeds[0]}..{seeds[-1]} ({len(seeds)} seeds)"
+    return f"{_numbers(seeds)} ({len(seeds)} seeds)"
 
 
 def _code(value: Any) -> str:

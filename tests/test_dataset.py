@@ -226,6 +226,8 @@ def test_split_names_in_folder_names_are_warned_about(mini_run, tmp_path, caplog
     plain = load(tmp_path, "imagefolder", data_dir=str(mini_run))
     assert list(plain.features) == ["image"]  # what the warning is about: the metadata is left out
     assert_rows_match_run(load(tmp_path, "imagefolder", data_dir=str(mini_run), data_files=METADATA_NAME), mini_run)
+    publish_run(mini_run, "someone/mini-audit", dry_run=True)  # the card's configs name the files
+    assert_rows_match_run(load(tmp_path, str(mini_run)), mini_run)
 
 
 @pytest.mark.parametrize(
@@ -309,6 +311,9 @@ def test_dry_run_writes_the_card_and_sends_nothing(mini_run, no_hub):
     ]
     assert "| class subsets C | three + two (indices 3, 2) |" in card
     assert "| its classes | 4: zero, one, two, three |" in card
+    assert (
+        "| seeds | 0..1 (2 seeds) |" in card and "| alpha (KLDB guidance strength; 0 = prompt-only) | 0, 0.3 |" in card
+    )
     assert 'load_dataset("someone/mini-audit", split="train")' in card
     assert "Missing: this run had no `report/table1.md`" in card
 
@@ -329,6 +334,18 @@ def test_the_card_reproduces_the_sweep_command(mini_run):
     # what the old sweep.json of the stored run did not record is said, not guessed
     assert any("did not record" in note and "kldb_step_control" in note for note in notes)
     assert "kldb_step_control" in card and "--step-control" not in command
+
+
+def test_a_none_the_command_line_cannot_say_is_noted(mini_run, monkeypatch):
+    """A setting left None where the default preset has a value: leaving the option out would not give None."""
+    import dataclasses
+
+    from kldb import presets
+
+    monkeypatch.setitem(presets.PRESETS, "digits", dataclasses.replace(presets.PRESETS["digits"], negative_prompt="x"))
+    command, notes = sweep_command(mini_run)
+    assert "--negative-prompt" not in command
+    assert "`negative_prompt` was None, which no value of --negative-prompt says (Python API)." in notes
 
 
 def test_sweep_command_for_a_run_of_today(tmp_path):
