@@ -48,6 +48,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "generate": ("accelerate",),
     "sweep": ("accelerate",),
     "report": ("matplotlib", "torchmetrics"),
+    "map": ("accelerate", "matplotlib"),
 }
 
 
@@ -317,15 +318,39 @@ def generation_options(grid: bool) -> list[GenerationOption]:
     return [option for option in GENERATION_OPTIONS if option.grid in (None, grid)]
 
 
-def _add_generation_options(parser: argparse.ArgumentParser, grid: bool) -> None:
-    """The options of ``generate`` and ``sweep`` from :data:`GENERATION_OPTIONS`; ``None`` defaults come from the
-    preset."""
+def map_options() -> list[GenerationOption]:
+    """The generation options of ``kldb map``: those of ``kldb sweep`` with ``--beta`` for ``--betas``, ``--seeds`` for
+    ``--num-images``, and the map's own defaults (:mod:`kldb.boundary_map`) for ``--classes`` and ``--alphas``."""
+    import dataclasses
+
+    own = {
+        "--classes": "the K classes to map, as label names or indices; every pair of them is audited (default: all ten "
+        "digits on the digits world; required otherwise, or --group)",
+        "--alphas": "alpha 0 (prompt-only) and the guided alphas (default: 0 and 0.2 under a step control such as the "
+        "digits preset's backtracking, else 0, 0.02 and 0.05)",
+        "--num-images": "seeds per setting, --seed .. --seed + N - 1 (default: 32)",
+    }
+    options = []
+    for option in GENERATION_OPTIONS:
+        if option.flag in own:
+            flag = "--seeds" if option.flag == "--num-images" else option.flag
+            options.append(dataclasses.replace(option, flag=flag, help=own[option.flag], preset=None))
+        elif option.grid is None or option.flag == "--beta":
+            options.append(option)
+    return options
+
+
+def _add_generation_options(
+    parser: argparse.ArgumentParser, grid: bool, options: Sequence[GenerationOption] | None = None
+) -> None:
+    """The options of ``generate`` and ``sweep`` (or ``options``) from :data:`GENERATION_OPTIONS`; ``None`` defaults
+    come from the preset."""
     digits, paper = PRESETS["digits"], PRESETS["paper"]
     parser.add_argument(
         "--preset", default="digits", choices=sorted(PRESETS), help=f"named setup: {_preset_help()}. Default: digits."
     )
     parser.add_argument("--out", required=True, help="output folder; an existing run in it is resumed")
-    for option in generation_options(grid):
+    for option in generation_options(grid) if options is None else options:
         text = option.help
         if option.preset is not None:
             text += (
@@ -336,17 +361,21 @@ def _add_generation_options(parser: argparse.ArgumentParser, grid: bool) -> None
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def sweep_config_from_args(args: argparse.Namespace, grid: bool) -> Any:
-    """A :class:`~kldb.sweep.SweepConfig` from parsed ``generate`` / ``sweep`` arguments and their preset."""
+def sweep_config_from_args(
+    args: argparse.Namespace, grid: bool, options: Sequence[GenerationOption] | None = None
+) -> Any:
+    """A :class:`~kldb.sweep.SweepConfig` from parsed ``generate`` / ``sweep`` arguments (or ``options``, which must
+    include ``--num-images`` and ``--seed``) and their preset."""
     from kldb.sweep import SweepConfig
 
+    options = generation_options(grid) if options is None else options
     preset = get_preset(args.preset)
     check_output_folder(args.out, "--out")
     check_device(args.device)
     for option in ("pipeline", "classifier", "guidance_vae"):
         check_local_path_spec(getattr(args, option), f"--{option.replace('_', '-')}")
     values: dict[str, Any] = {}
-    for option in generation_options(grid):
+    for option in options:
         value = getattr(args, option.dest)
         if value is None and option.preset is not None:
             value = option.from_preset(getattr(preset, option.preset))
@@ -358,11 +387,7 @@ def sweep_config_from_args(args: argparse.Namespace, grid: bool) -> Any:
         raise KLDBInputError(f"Expected argument `--num-images` to be a positive integer but got {num_images!r}.")
     if seed < 0:
         raise KLDBInputError(f"Expected argument `--seed` to be a non-negative integer but got {seed!r}.")
-    fields = {
-        option.config: option.to_config(values[option.dest])
-        for option in generation_options(grid)
-        if option.config is not None
-    }
+    fields = {option.config: option.to_config(values[option.dest]) for option in options if option.config is not None}
     fields["dtype"] = resolve_dtype(fields["dtype"], args.device)
     return SweepConfig(out_dir=args.out, seeds=list(range(seed, seed + num_images)), **fields)
 
@@ -395,6 +420,41 @@ def build_parser() -> argparse.ArgumentParser:
         "`accelerate launch` the work is split between the processes and merged into one manifest.",
     )
     _add_generation_options(sweep, grid=True)
+
+    boundary = commands.add_parser(
+        "map",
+        help="the boundary map: every pair (or triple) of K classes in one resumable, shardable sweep",
+        description="Audit every pair of K classes (and with --triples every triple): alpha 0 and a few guided alphas "
+        "at one beta, --seeds images each, as one sweep (resumable; shardable under `accelerate launch`). Then draw "
+        "into OUT/map: K x K heatmaps of the median KLDB reached, the boundary-hit rate, the drop against prompt-only "
+        "and (with --validity) the validity share; a ranked table, most fragile boundaries first (map.md, map.csv, "
+        "map.json); a thumbnail grid per class subset (kldb.boundary_map).",
+    )
+    _add_generation_options(boundary, grid=True, options=map_options())
+    boundary.add_argument(
+        "--group",
+        help="a file with the K classes, one per line (label name or index; '#' comments; a leading WordNet id such as "
+        "n02085620 is dropped, so lines of ImageNet's LOC_synset_mapping.txt work); instead of --classes",
+    )
+    boundary.add_argument("--triples", action="store_true", help="also every triple of the classes (ranked apart)")
+    boundary.add_argument(
+        "--at-alpha",
+        type=float,
+        help="report this guided alpha for every class subset (default: per subset, the one with the lowest median KLDB)",
+    )
+    boundary.add_argument(
+        "--validity",
+        help="a validity result to draw the validity heatmap from: the validity.json of `kldb validity OUT`, or a JSON "
+        "object {setting name: share}",
+    )
+    boundary.add_argument(
+        "--per-subset", type=int, default=8, help="images per row of each class subset's grid (default: 8)"
+    )
+    boundary.add_argument(
+        "--report-only",
+        action="store_true",
+        help="make no image: redraw the map of OUT, which must hold every image of the map",
+    )
 
     report = commands.add_parser(
         "report",
@@ -600,6 +660,55 @@ def _run_generation(args: argparse.Namespace, grid: bool) -> int:
     return 0
 
 
+def _run_map(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kldb.boundary_map import MAP_SEEDS, map_config, map_table_markdown, read_group, read_validity, run_map
+
+    if args.classes is not None and args.group is not None:
+        raise KLDBInputError(
+            f"Expected argument `--classes` or `--group` but got both: {args.classes!r} and {args.group!r}."
+        )
+    if args.seeds is not None and args.seeds < 1:
+        raise KLDBInputError(f"Expected argument `--seeds` to be a positive integer but got {args.seeds!r}.")
+    if args.per_subset < 1:
+        raise KLDBInputError(f"Expected argument `--per-subset` to be a positive integer but got {args.per_subset!r}.")
+    if args.group is not None:
+        classes = read_group(args.group)
+    else:
+        classes = [c for subset in _class_subsets(args.classes) for c in subset] if args.classes else None
+    validity = read_validity(args.validity) if args.validity is not None else None
+    args.num_images = MAP_SEEDS if args.seeds is None else args.seeds
+    options = [o for o in map_options() if o.flag not in ("--classes", "--seeds")]
+    options += [o for o in GENERATION_OPTIONS if o.flag == "--num-images"]
+    base = sweep_config_from_args(args, grid=True, options=options)
+    mapped = ("out_dir", "class_subsets", "alphas", "betas", "seeds", "kldb_step_control")
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in mapped}
+    config = map_config(
+        args.out,
+        classes,
+        triples=args.triples,
+        seeds=base.seeds,
+        alphas=args.alphas,
+        beta=base.betas[0],
+        step_control=base.kldb_step_control,
+        **fields,
+    )
+    result = run_map(
+        config,
+        validity=validity,
+        alpha=args.at_alpha,
+        per_subset=args.per_subset,
+        progress=not args.no_progress,
+        report_only=args.report_only,
+    )
+    if result.files:  # the main process
+        print(map_table_markdown(result.rows))
+        made = "" if result.sweep is None else f"{result.sweep.generated} images made, "
+        print(f"{made}map in {result.map_dir}: {', '.join(sorted(result.files))}")
+    return 0
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from kldb.report import table1_markdown, write_report
     from kldb.runfolder import run_info
@@ -771,6 +880,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run_generation(args, grid=args.command == "sweep")
         if args.command == "report":
             return _run_report(args)
+        if args.command == "map":
+            return _run_map(args)
         if args.command == "compare":
             return _run_compare(args)
         if args.command == "validity":
