@@ -208,8 +208,9 @@ def test_digits_run_uses_the_world_validity_classifier_by_default(digits_run, tm
     assert_matches(result, hand_validity(records, probabilities, 0.5))
     shares = [row["valid_share"] for row in result["settings"]]
     off = [row["off_manifold_share"] for row in result["settings"]]
-    assert shares[0] == shares[1] == shares[4] == 1.0  # threes and eights
-    assert shares[2] == shares[5] == 0.0  # fives
+    # 4 images per setting; the oracle errs on about 2 % of the test split
+    assert min(shares[0], shares[1], shares[4]) >= 0.75  # threes and eights
+    assert max(shares[2], shares[5]) <= 0.25  # fives
     assert off[3] >= 0.75  # no digit
 
 
