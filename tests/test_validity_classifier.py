@@ -67,7 +67,14 @@ def test_outliers_are_the_digits_blocks_shuffled_or_smooth_noise():
         assert (noise[0, :, 1:] - noise[0, :, :-1]).abs().max() < 0.2  # smooth
 
 
-def test_training_script_is_deterministic_and_records_only_its_key(tmp_path: Path):
+@pytest.fixture
+def denormals_restored():
+    """The script's `main` sets flush-to-zero for its process (kldb.digits.util.setup_process); undo it after."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_training_script_is_deterministic_and_records_only_its_key(tmp_path: Path, denormals_restored):
     info_path = tmp_path / "world_info.json"
     info_path.write_text(json.dumps({"seed": 0, "feature_net": {"parameters": 7}}, indent=2) + "\n")
     entry = main(["--out", str(tmp_path / "a" / "validity_classifier"), "--tiny", "--world-info", str(info_path)])
