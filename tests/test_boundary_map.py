@@ -8,6 +8,8 @@ import itertools
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +463,27 @@ def test_kldb_map_errors(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert status == cli.EXIT_USAGE and f"kldb map: error: {message}" in err, err
     assert not (tmp_path / "run" / "manifest.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_map_shards_over_two_processes_like_a_sweep(tmp_path):
+    from collections import Counter
+
+    from test_accelerate import free_port
+    from test_sweep import _environment
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    out = tmp_path / "run"
+    command = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", "kldb.cli", "map", "--out", str(out), "--classes", "zero", "one", "two", *CLI_TINY, "--device", "cpu",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = read_jsonl(out / "manifest.jsonl")
+    assert len(lines) == len({(tuple(line["class_indices"]), line["alpha"], line["seed"]) for line in lines}) == 12
+    assert Counter(line["process_index"] for line in lines) == {0: 6, 1: 6}, "each process made half of the images"
+    assert result.stdout.count("map in ") == 1, "only the main process draws and prints the map"
+    document = json.loads((out / "map" / "map.json").read_text())
+    assert document["classes"] == CLASSES and len(document["rows"]) == 3
