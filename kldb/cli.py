@@ -513,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-size", type=int, default=64, help="images per classifier pass (default: 64)")
     compare.add_argument("--device", default="cpu", help="device of the second classifier (default: cpu)")
 
+    from kldb.validity import DEFAULT_CLIP_TEMPLATE, DEFAULT_THRESHOLD
+
     validity = commands.add_parser(
         "validity",
         help="are a run's images still images of C? an independent oracle labels every image",
@@ -530,11 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
     validity.add_argument(
         "--threshold",
         type=float,
-        default=0.5,
-        help="oracle maximum probability below which an image is off-manifold, in [0, 1] (default: 0.5)",
+        default=DEFAULT_THRESHOLD,
+        help=f"oracle maximum probability below which an image is off-manifold, in [0, 1] (default: {DEFAULT_THRESHOLD})",
     )
     validity.add_argument(
-        "--clip-template", default="a photo of a {name}", help="CLIP text per class (default: 'a photo of a {name}')"
+        "--clip-template",
+        default=DEFAULT_CLIP_TEMPLATE,
+        help=f"CLIP text per class, with the field {{name}} (default: {DEFAULT_CLIP_TEMPLATE!r})",
     )
     validity.add_argument("--out", help="output folder (default: RUN/report)")
     validity.add_argument(
