@@ -179,6 +179,7 @@ def train_feature_net(
     split_seed: int = 0,
     config: FeatureNetConfig | None = None,
     training: FeatureNetTraining | None = None,
+    evaluate: bool = True,
 ) -> tuple[DenoisingAutoencoder, dict[str, Any]]:
     """Train the denoising autoencoder on the training split of the digits world; no labels are used.
 
@@ -187,10 +188,11 @@ def train_feature_net(
         split_seed: the seed of the world's train / val / test split (the shipped world uses 0).
         config: the architecture.
         training: the optimisation settings.
+        evaluate: add the figures of :func:`evaluate_feature_net` to the record.
 
     Returns:
-        The trained network (in eval mode) and its record: settings, parameter counts, training seconds and the
-        figures of :func:`evaluate_feature_net`.
+        The trained network (in eval mode) and its record: settings, parameter counts, training seconds and (with
+        ``evaluate``) the figures of :func:`evaluate_feature_net`.
     """
     config = config or FeatureNetConfig()
     training = training or FeatureNetTraining()
@@ -231,8 +233,9 @@ def train_feature_net(
         "training": dataclasses.asdict(training),
         "parameters": {"encoder": model.encoder_parameters(), "total": count_parameters(model)},
         "training_seconds": round(seconds, 1),
-        **evaluate_feature_net(model, split_seed),
     }
+    if evaluate:
+        record.update(evaluate_feature_net(model, split_seed))
     return model, record
 
 
