@@ -9,6 +9,8 @@ manifest records, and the guarantees that every manifest line names a complete P
 - The config is checked before anything is written: its own values first (:func:`check_config`), then, once the
   pipeline is loaded, everything that depends on it (:func:`check_against_pipeline`: class names, image size and
   the VAE factor, the scheduler, the guidance decoder), by the pipeline's own input checks.
+- At the end of a run the main process writes ``metadata.jsonl`` (:func:`kldb.dataset.write_imagefolder_metadata`), so
+  the run folder loads as a Hugging Face ``imagefolder`` dataset with every image's record.
 - Under ``accelerate launch`` the pending work is split by :meth:`accelerate.PartialState.split_between_processes`;
   each process appends to its own ``manifest.rank<N>.jsonl``; after ``wait_for_everyone`` the main process merges
   every part into ``manifest.jsonl`` (atomically) and removes the parts. Each (setting, seed) is done exactly once.
@@ -618,10 +620,16 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
     finally:
         bar.close()
 
-    # 5. The main process merges every part into manifest.jsonl
+    # 5. The main process merges every part into manifest.jsonl, then writes metadata.jsonl: the run folder is also an
+    # `imagefolder` dataset (kldb.dataset)
     state.wait_for_everyone()
     if state.is_main_process:
         merge_manifests(out, order)
+        if (out / MANIFEST_NAME).is_file() and (out / MANIFEST_NAME).stat().st_size:
+            from kldb.dataset import write_imagefolder_metadata
+
+            with stop_on_full_disk(out / "metadata.jsonl", generated):
+                write_imagefolder_metadata(out)
     state.wait_for_everyone()
     return SweepResult(
         out_dir=out,

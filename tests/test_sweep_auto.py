@@ -207,3 +207,14 @@ def test_the_report_shows_the_pilots_and_the_step_counts(auto_run, tmp_path):
     (table,) = result["table"]
     assert (table["alpha_best"], table["alpha_mode_best"]) == (row["alpha"], "auto")  # the only guided setting
     assert f"| | | auto ({row['alpha']:g}) |" in (tmp_path / "report" / "table1.md").read_text()
+
+
+def test_a_finished_sweep_is_an_imagefolder_dataset(auto_run):
+    _, out, _ = auto_run
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    lines = read_jsonl(out / "manifest.jsonl")
+    by_file = {r["file_name"]: r for r in rows}  # in the order the loader needs (typed columns first)
+    assert sorted(by_file) == sorted(r["file"] for r in lines) and len(rows) == len(lines)
+    for line in lines:
+        row = by_file[line["file"]]
+        assert (row["seed"], row["kldb"], row["alpha"]) == (line["seed"], line["kldb"], line["alpha"])
