@@ -698,6 +698,11 @@ def _run_map(args: argparse.Namespace) -> int:
         step_control=base.kldb_step_control,
         **fields,
     )
+    guided = [a for a in config.alphas if a > 0]
+    if args.at_alpha is not None and args.at_alpha not in guided:
+        raise KLDBInputError(
+            f"Expected argument `--at-alpha` to be one of the map's guided alphas {guided} but got {args.at_alpha!r}."
+        )
     result = run_map(
         config,
         validity=validity,

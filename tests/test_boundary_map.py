@@ -453,7 +453,7 @@ def test_kldb_map_command(tmp_path, capsys):
         (["--classes", "zero", "one", "--seeds", "0"], "Expected argument `--seeds` to be a positive integer but got 0."),
         (["--classes", "zero", "one", "--per-subset", "0"], "Expected argument `--per-subset` to be a positive integer but got 0."),
         (["--classes", "zero", "one", "--alphas", "0.1"], "Expected argument `alphas` to hold 0 (prompt-only, the baseline of the drop) and at least one guided alpha > 0 but got [0.1]."),
-        (["--classes", "zero", "one", "--at-alpha", "0.2"], "Expected argument `alpha` to be None or one of the map's guided alphas [0.3] but got 0.2."),
+        (["--classes", "zero", "one", "--at-alpha", "0.2"], "Expected argument `--at-alpha` to be one of the map's guided alphas [0.3] but got 0.2."),
         (["--classes", "zero", "one", "--report-only"], "Expected argument `run` to be a run folder or a manifest file"),
     ],
     ids=["one-class", "duplicates", "unknown", "classes-and-group", "seeds", "per-subset", "alphas", "at-alpha", "report-only-without-run"],
