@@ -22,7 +22,10 @@ from kldb.hub import CARD_REPO_ID, MODEL_CARD_PATH, export_folder
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 NOTEBOOKS = sorted((ROOT / "examples" / "notebooks").glob("*.ipynb"))
-EXPECTED_EXAMPLES = {"paper_sd14_resnet50", "hf_classifier_three_classes", "custom_classifier", "digits_offline"}
+EXPECTED_EXAMPLES = {
+    "paper_sd14_resnet50", "hf_classifier_three_classes", "custom_classifier", "digits_offline",
+    "real_image_to_boundary",
+}  # fmt: skip
 TIMEOUT_S = 600  # the machine is shared; each tiny example takes seconds to a minute here
 
 
@@ -60,6 +63,11 @@ def test_example_runs_in_tiny_form(example, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "outputs" / example.stem
+    if example.stem == "real_image_to_boundary":  # a strength x alpha search from one photo (kldb.counterfactual)
+        record = json.loads((out / "counterfactual.json").read_text())
+        assert len(record["candidates"]) == 3 and (out / "input.png").is_file() and "tiny random" in proc.stdout
+        assert all((out / name).is_file() for name in record["files"]["candidates"])
+        return
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == {"prompt_only", "guided"}
     for row in results["rows"].values():
