@@ -35,20 +35,23 @@ from kldb.errors import (
 from kldb.loading import DTYPES, resolve_dtype
 from kldb.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from kldb.presets import PRESETS, get_preset
-from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS
+from pipeline_kldb_boundary import GRADIENT_MODES, GUIDANCE_DECODERS, STEP_CONTROLS
 
 logger = logging.getLogger("kldb.cli")
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "GENERATION_OPTIONS", "build_parser", "main"]
 
 #: The extra of ``kldb-boundary`` that installs each optional module a command may need (pyproject.toml).
-EXTRA_FOR_MODULE = {"accelerate": "audit", "matplotlib": "audit", "torchmetrics": "audit", "sklearn": "train"}
+EXTRA_FOR_MODULE = {
+    "accelerate": "audit", "matplotlib": "audit", "torchmetrics": "audit", "sklearn": "train", "gradio": "app",
+}  # fmt: skip
 #: The optional modules each command needs whatever its options; checked before any work starts.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "generate": ("accelerate",),
     "sweep": ("accelerate",),
     "report": ("matplotlib", "torchmetrics"),
     "map": ("accelerate", "matplotlib"),
+    "app": ("gradio",),
 }
 
 
@@ -167,6 +170,16 @@ class GenerationOption:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+def _alpha_value(text: str) -> float | str:
+    """An alpha on the command line: a number, or ``auto`` (a pilot chooses it per class subset and beta)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto' but got {text!r}") from None
+
+
 def _class_subsets(subsets: list[list[str]]) -> list[list[str | int]]:
     return [[int(c) if c.isdigit() else c for c in subset] for subset in subsets]
 
@@ -201,12 +214,13 @@ GENERATION_OPTIONS: tuple[GenerationOption, ...] = (
     GenerationOption("--negative-prompt", "negative prompt", preset="negative_prompt", config="negative_prompt"),
     GenerationOption(
         "--alphas",
-        "KLDB guidance strengths; 0 is prompt-only",
+        "KLDB guidance strengths; 0 is prompt-only; 'auto': a short pilot chooses alpha per class subset and beta "
+        "(its seeds and cost go into the run folder's auto/ and the report)",
         preset="alphas",
         config="alphas",
         grid=True,
         from_preset=list,
-        argparse={"nargs": "+", "type": float, "metavar": "ALPHA"},
+        argparse={"nargs": "+", "type": _alpha_value, "metavar": "ALPHA"},
     ),
     GenerationOption(
         "--betas",
@@ -219,12 +233,12 @@ GENERATION_OPTIONS: tuple[GenerationOption, ...] = (
     ),
     GenerationOption(
         "--alpha",
-        "KLDB guidance strength; 0 is prompt-only",
+        "KLDB guidance strength; 0 is prompt-only; 'auto': a short pilot chooses it",
         preset="alpha",
         config="alphas",
         grid=False,
         to_config=lambda alpha: [alpha],
-        argparse={"type": float},
+        argparse={"type": _alpha_value},
     ),
     GenerationOption(
         "--beta",
@@ -264,6 +278,45 @@ GENERATION_OPTIONS: tuple[GenerationOption, ...] = (
         preset="kldb_guidance_decoder",
         config="kldb_guidance_decoder",
         argparse={"choices": GUIDANCE_DECODERS},
+    ),
+    GenerationOption(
+        "--auto-grid",
+        "alpha 'auto': the alphas its pilot tries (default: 0.01 0.03 0.1 0.3)",
+        config="auto_grid",
+        argparse={"nargs": "+", "type": float, "metavar": "ALPHA"},
+    ),
+    GenerationOption(
+        "--auto-seeds",
+        "alpha 'auto': its pilot's seeds, moved off the run's seeds where they meet (default: four seeds above 10**6)",
+        config="auto_seeds",
+        argparse={"nargs": "+", "type": int, "metavar": "SEED"},
+    ),
+    GenerationOption(
+        "--step-control",
+        "how each guided step is sized: 'fixed' (the paper's step alpha), 'backtracking' (halve alpha until the KLDB "
+        "of the predicted clean image drops), 'trust_region' (halve until the class probabilities move at most "
+        "--trust-radius), 'kldb_scaled' (alpha * min(1, KLDB / --step-temperature))",
+        preset="kldb_step_control",
+        config="kldb_step_control",
+        argparse={"choices": STEP_CONTROLS},
+    ),
+    GenerationOption(
+        "--max-halvings",
+        "backtracking / trust_region: halvings before a step is refused (default: 3)",
+        config="kldb_max_halvings",
+        argparse={"type": int},
+    ),
+    GenerationOption(
+        "--trust-radius",
+        "trust_region: the largest change of the class probabilities (total variation) a step may make (default: 0.1)",
+        config="kldb_trust_radius",
+        argparse={"type": float},
+    ),
+    GenerationOption(
+        "--step-temperature",
+        "kldb_scaled: the KLDB below which steps shrink (default: 0.5)",
+        config="kldb_step_temperature",
+        argparse={"type": float},
     ),
     GenerationOption(
         "--guidance-vae",
@@ -387,7 +440,12 @@ def sweep_config_from_args(
         raise KLDBInputError(f"Expected argument `--num-images` to be a positive integer but got {num_images!r}.")
     if seed < 0:
         raise KLDBInputError(f"Expected argument `--seed` to be a non-negative integer but got {seed!r}.")
-    fields = {option.config: option.to_config(values[option.dest]) for option in options if option.config is not None}
+    # an option without a preset default that is not given leaves its field to SweepConfig's default
+    fields = {
+        option.config: option.to_config(values[option.dest])
+        for option in options
+        if option.config is not None and (values[option.dest] is not None or option.preset is not None)
+    }
     fields["dtype"] = resolve_dtype(fields["dtype"], args.device)
     return SweepConfig(out_dir=args.out, seeds=list(range(seed, seed + num_images)), **fields)
 
@@ -496,6 +554,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=BOOTSTRAP_SEED,
         help=f"seed of the bootstrap resampling, recorded in the report (default: {BOOTSTRAP_SEED})",
     )
+    report.add_argument(
+        "--quality",
+        action="store_true",
+        help="also FID, KID and precision / recall against the reference images in three feature spaces: the audited "
+        "classifier's, an independent network's (the digits world's feature net; InceptionV3 with "
+        "--inception-weights) and pixels (kldb.quality)",
+    )
+    report.add_argument(
+        "--validity",
+        nargs="?",
+        const="default",
+        metavar="ORACLE",
+        help="also judge every image with an independent oracle (kldb validity): a classifier spec or 'clip:<path>'; "
+        "alone, the digits world's validity classifier. Without it, a validity.json that `kldb validity` wrote into the "
+        "report folder is used",
+    )
+    report.add_argument(
+        "--validity-threshold", type=float, help="oracle maximum probability below which an image is off-manifold"
+    )
 
     compare = commands.add_parser(
         "compare",
@@ -591,6 +668,16 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--interval", type=int, help="KLDB guidance every k steps run (default: the preset's)")
     edit.add_argument("--dtype", choices=("auto", *DTYPES), help="weights dtype (default: the preset's)")
     edit.add_argument("--device", default="cpu", help="device (default: cpu)")
+
+    app = commands.add_parser(
+        "app",
+        help="serve the web app (Gradio, the app extra): explore boundaries, audit with a small sweep (kldb.app)",
+        description="Serve a Gradio app over the library on the digits world by default (or --pipeline / --classifier "
+        "as for kldb generate), on 127.0.0.1 unless --host says otherwise.",
+    )
+    from kldb.app import add_app_arguments
+
+    add_app_arguments(app)
 
     demo = commands.add_parser(
         "demo",
@@ -757,6 +844,9 @@ def _run_report(args: argparse.Namespace) -> int:
         reference_limit=args.reference_limit,
         bootstrap_resamples=args.bootstrap_resamples,
         bootstrap_seed=args.bootstrap_seed,
+        quality=args.quality,
+        validity=True if args.validity == "default" else args.validity,
+        validity_threshold=args.validity_threshold,
     )
     print(table1_markdown(result["table"], result["bootstrap"]))
     print(f"Wrote {', '.join(sorted(result['files']))} to {Path(result['files']['report.md']).parent}")
@@ -897,10 +987,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run_validity(args)
         if args.command == "demo":
             return _run_demo(args)
-        if args.command == "publish-run":
-            return _run_publish_run(args)
+        if args.command == "app":
+            from kldb.app import run_app_command
+
+            return run_app_command(args)
         if args.command == "edit":
             return _run_edit(args)
+        if args.command == "publish-run":
+            return _run_publish_run(args)
         return args.handler(args)  # export, publish
     except ModuleNotFoundError as error:
         # an optional dependency needed only by some options (e.g. scikit-learn for the digits reference images)

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kldb.errors import KLDBInputError, KLDBPathError
+from kldb.errors import KLDBInputError, KLDBInputTypeError, KLDBPathError
 from kldb.io import atomic_write_bytes, atomic_write_json, atomic_write_text, load_image
 from kldb.metrics import (
     BOOTSTRAP_CONFIDENCE,
@@ -113,6 +113,12 @@ INTERVAL_KEYS = {
     "relative_kldb_change": ("relative_kldb_change_low", "relative_kldb_change_high"),
     "relative_entropy_change": ("relative_entropy_change_low", "relative_entropy_change_high"),
 }
+#: Quality measures per feature space (:mod:`kldb.quality`), merged into the setting rows as ``<measure>_<space>``.
+QUALITY_MEASURES = ("fid", "kid_mean", "kid_std", "precision", "recall")
+#: Validity shares per setting (:mod:`kldb.validity`), merged into the setting rows.
+VALIDITY_KEYS = ("valid_share", "off_manifold_share")
+#: Table 1 also names the best alpha among the guided settings with at least this valid share.
+MIN_VALID_SHARE = 0.9
 SETTING_FIELDS = (
     "setting",
     "classes",
@@ -148,6 +154,40 @@ SETTING_FIELDS = (
 )
 
 
+def merge_quality(rows: Sequence[dict[str, Any]], quality: dict[str, Any]) -> list[str]:
+    """Put the per-setting result of :func:`kldb.quality.run_quality` into the setting ``rows`` as
+    ``<measure>_<space>`` (``fid_independent``, ``kid_mean_pixels``, ...); return the keys added."""
+    by_setting = {r["setting"]: r.get("quality") or {} for r in quality["settings"]}
+    keys = [f"{measure}_{space}" for space in quality["spaces"] for measure in QUALITY_MEASURES]
+    for row in rows:
+        measured = by_setting.get(row["setting"], {})
+        for space in quality["spaces"]:
+            for measure in QUALITY_MEASURES:
+                row[f"{measure}_{space}"] = (measured.get(space) or {}).get(measure)
+    return keys
+
+
+def merge_validity(rows: Sequence[dict[str, Any]], validity: dict[str, Any]) -> list[str]:
+    """Put the per-setting shares of :func:`kldb.validity.run_validity` into the setting ``rows``
+    (:data:`VALIDITY_KEYS`); return the keys added."""
+    by_setting = {r["setting"]: r for r in validity["settings"]}
+    for row in rows:
+        judged = by_setting.get(row["setting"])
+        for key in VALIDITY_KEYS:
+            row[key] = judged[key] if judged is not None else None
+    return list(VALIDITY_KEYS)
+
+
+def _extra_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The quality and validity keys the setting rows carry (see :func:`merge_quality`, :func:`merge_validity`)."""
+    keys: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in keys and (key in VALIDITY_KEYS or key.startswith(tuple(f"{m}_" for m in QUALITY_MEASURES))):
+                keys.append(key)
+    return keys
+
+
 def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The paper's Table 1 from per-setting rows (see :func:`setting_metrics`).
 
@@ -160,7 +200,13 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ``median_entropy_best_low`` / ``_high``, and the best row's paired intervals ``relative_kldb_change_low`` /
     ``_high``, ``relative_entropy_change`` (with ``_low`` / ``_high``) and ``n_paired``. Rows without them (computed
     elsewhere) give ``None`` there.
+
+    Quality and validity keys of the rows (:func:`merge_quality`, :func:`merge_validity`) come through as
+    ``<key>_baseline`` and ``<key>_best``. With validity, ``alpha_valid`` names the guided alpha with the lowest median
+    KLDB among those with a valid share of at least :data:`MIN_VALID_SHARE`, with its ``median_kldb_valid``,
+    ``relative_kldb_change_valid`` and ``valid_share_valid`` (``None`` when no guided alpha is that valid).
     """
+    extra = _extra_keys(rows)
     groups: dict[tuple[tuple[str, ...], float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((tuple(row["classes"]), float(row["beta"])), []).append(row)
@@ -212,6 +258,16 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n_paired": field(paired, "n_paired"),
             }
         )
+        for key in extra:
+            table[-1][f"{key}_baseline"] = field(baseline, key)
+            table[-1][f"{key}_best"] = field(best, key)
+        if "valid_share" in extra:
+            valid = [r for r in guided if r.get("valid_share") is not None and r["valid_share"] >= MIN_VALID_SHARE]
+            choice = valid[0] if valid else None  # guided is sorted by median KLDB, then alpha
+            table[-1]["alpha_valid"] = field(choice, "alpha")
+            table[-1]["median_kldb_valid"] = field(choice, "median_kldb")
+            table[-1]["relative_kldb_change_valid"] = field(choice if baseline is not None else None, "relative_kldb_change")
+            table[-1]["valid_share_valid"] = field(choice, "valid_share")
     return table
 
 
@@ -765,6 +821,9 @@ def write_report(
     bootstrap_resamples: int | None = None,
     bootstrap_seed: int | None = None,
     bootstrap_confidence: float | None = None,
+    quality: bool | dict[str, Any] = False,
+    validity: bool | str | dict[str, Any] | None = None,
+    validity_threshold: float | None = None,
     **metric_kwargs: Any,
 ) -> dict[str, Any]:
     """Compute the metrics of a sweep folder (unless given) and write every report file; return what was written.
@@ -780,6 +839,15 @@ def write_report(
         bootstrap_seed: seed of the resampling; ``None``: as recorded in ``metrics``, else
             :data:`kldb.metrics.BOOTSTRAP_SEED`.
         bootstrap_confidence: confidence level of the intervals; ``None``: as recorded, else 0.95.
+        quality: ``True`` measures FID, KID, precision and recall in the three feature spaces of :mod:`kldb.quality`
+            against the ``reference`` images (``metric_kwargs``; the digits test split for a digits run), or the
+            result of :func:`kldb.quality.run_quality`; written to ``quality.json`` and shown side by side.
+        validity: ``True`` (the default oracle: the digits world's validity classifier for a digits run), an oracle
+            spec (see :func:`kldb.validity.run_validity`: a classifier spec or ``"clip:<path>"``) or the result of
+            :func:`kldb.validity.run_validity`; ``None`` uses the ``validity.json`` that ``kldb validity`` wrote into
+            the report folder, if it covers this run's images. Adds each setting's valid and off-manifold shares and
+            Table 1's validity section.
+        validity_threshold: the oracle's off-manifold threshold (default :data:`kldb.validity.DEFAULT_THRESHOLD`).
         **metric_kwargs: passed to :func:`run_metrics` (``reference``, ``feature``, ...).
 
     Returns:
@@ -811,14 +879,26 @@ def write_report(
         rows = [{**row, **{k: fresh[row["setting"]][k] for k in interval_keys}} for row in metrics["settings"]]
         metrics = {**metrics, "bootstrap": bootstrap, "settings": rows}
     rows = metrics["settings"]
+    quality_result = _report_quality(run, quality, metric_kwargs)
+    if quality_result is not None:
+        merge_quality(rows, quality_result)
+        metrics = {**metrics, "quality": {k: v for k, v in quality_result.items() if k != "settings"}}
+    validity_result = _report_validity(run, out, validity, validity_threshold, len(records))
+    if validity_result is not None:
+        merge_validity(rows, validity_result)
+        metrics = {**metrics, "validity": {k: validity_result[k] for k in ("oracle", "oracle_kind", "threshold")}}
     table = table1(rows)
+    extra = _extra_keys(rows)
+    valid_fields = ["alpha_valid", "median_kldb_valid", "relative_kldb_change_valid", "valid_share_valid"]
+    table_fields = [*TABLE_FIELDS, *(f"{k}_{w}" for k in extra for w in ("baseline", "best"))]
+    table_fields += valid_fields if validity_result is not None else []
     files = {
         "table1.md": atomic_write_text(out / "table1.md", table1_markdown(table, bootstrap)),
-        "table1.csv": atomic_write_text(out / "table1.csv", to_csv(table, TABLE_FIELDS)),
+        "table1.csv": atomic_write_text(out / "table1.csv", to_csv(table, table_fields)),
         "table1.json": atomic_write_json(
             out / "table1.json", {"fid_feature": metrics.get("fid_feature"), "bootstrap": bootstrap, "rows": table}
         ),
-        "settings.csv": atomic_write_text(out / "settings.csv", to_csv(rows, SETTING_FIELDS)),
+        "settings.csv": atomic_write_text(out / "settings.csv", to_csv(rows, [*SETTING_FIELDS, *extra])),
         "metrics.json": atomic_write_json(out / "metrics.json", metrics),
         "kldb_distribution.png": atomic_write_bytes(out / "kldb_distribution.png", plot_kldb_distribution(records)),
         "median_kldb_vs_alpha.png": atomic_write_bytes(
@@ -828,6 +908,8 @@ def write_report(
             out / "ambiguous_images.png", ambiguous_grid(run, records, per_setting)
         ),
     }
+    if quality_result is not None:
+        files["quality.json"] = atomic_write_json(out / "quality.json", quality_result)
     from kldb.sweep import auto_pilots
 
     pilots = auto_pilots(run)
@@ -848,6 +930,29 @@ def write_report(
         "## Table 1: prompt-only (α = 0) against the best α per β",
         "",
         table1_markdown(table, bootstrap),
+    ]
+    if quality_result is not None:
+        page += [
+            "## Quality in three feature spaces",
+            "",
+            f"Against `{quality_result['reference']}`. FID and KID (mean ± std over {quality_result['kid_subsets']} "
+            f"subsets, seed {quality_result['kid_seed']}) and k-NN precision / recall (k = {quality_result['k']}; "
+            "Kynkäänniemi et al. 2019) in: the audited classifier's penultimate features (the space the guidance moves "
+            "through, so it rises with guidance whatever the images look like), an independent network the guidance "
+            "never sees, and pixels.",
+            "",
+            quality_markdown(table, quality_result["spaces"]),
+        ]
+    if validity_result is not None:
+        page += [
+            "## Validity: are the images still images of C?",
+            "",
+            f"Oracle `{validity_result['oracle']}` ({validity_result['oracle_kind']}); valid: its top-1 class is in C; "
+            f"off-manifold: its top-1 is outside C or its maximum probability is below {validity_result['threshold']:g}.",
+            "",
+            validity_findings(table),
+        ]
+    page += [
         "## All settings",
         "",
         "| setting | n | median KLDB [CI] | KLDB IQR | median entropy [CI] | entropy IQR | KLDB change vs α = 0 [CI] "
@@ -880,7 +985,116 @@ def write_report(
         card,
     ]
     files["report.md"] = atomic_write_text(out / "report.md", "\n".join(page))
-    return {"table": table, "settings": rows, "bootstrap": bootstrap, "files": {k: str(v) for k, v in files.items()}}
+    return {
+        "table": table,
+        "settings": rows,
+        "bootstrap": bootstrap,
+        "quality": quality_result,
+        "validity": validity_result,
+        "files": {k: str(v) for k, v in files.items()},
+    }
+
+
+def _report_quality(run: Path, quality: bool | dict[str, Any], metric_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The quality result the report shows: given, measured (``quality=True``), or none."""
+    if isinstance(quality, dict):
+        return quality
+    if quality is not True:
+        if quality is not False:
+            raise KLDBInputTypeError(f"Expected argument `quality` to be a bool or a dict but got {quality!r}.")
+        return None
+    from kldb.quality import run_quality
+
+    reference = metric_kwargs.get("reference", "digits")
+    if reference is None:
+        raise KLDBInputError(
+            "Expected argument `reference` to name real images (\"digits\" or a folder) for `quality=True` but got None."
+        )
+    options = {k: metric_kwargs[k] for k in ("inception_weights", "reference_limit") if metric_kwargs.get(k)}
+    return run_quality(run, reference=reference, **options)
+
+
+def _report_validity(
+    run: Path, out: Path, validity: bool | str | dict[str, Any] | None, threshold: float | None, n_images: int
+) -> dict[str, Any] | None:
+    """The validity result the report shows: given, judged now, the one ``kldb validity`` left in ``out``, or none."""
+    from kldb.validity import DEFAULT_THRESHOLD, run_validity
+
+    if isinstance(validity, dict):
+        return validity
+    if validity is None or validity is False:
+        stored = out / "validity.json"
+        if validity is None and stored.is_file():
+            result = json.loads(stored.read_text(encoding="utf-8"))
+            if result.get("overall", {}).get("n") == n_images:
+                return result
+            logger.warning("%s covers another set of images than the run's %d: left out.", stored, n_images)
+        return None
+    if not isinstance(validity, (bool, str)):
+        raise KLDBInputTypeError(f"Expected argument `validity` to be a bool, an oracle spec or a dict but got {validity!r}.")
+    oracle = None if validity is True else validity
+    return run_validity(
+        run, oracle=oracle, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, out_dir=out
+    )
+
+
+def quality_markdown(table: Sequence[dict[str, Any]], spaces: Sequence[str]) -> str:
+    """FID, KID and precision / recall of Table 1's rows (prompt-only and best alpha) in each feature space."""
+    lines = [
+        "| classes | β | α | space | FID ↓ | KID ×10³ ↓ | precision ↑ | recall ↑ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        for which in ("baseline", "best"):
+            alpha = _alpha(row[f"alpha_{which}"], row.get(f"alpha_mode_{which}"))
+            for space in spaces:
+
+                def get(measure: str, row: dict[str, Any] = row, which: str = which, space: str = space) -> Any:
+                    return row.get(f"{measure}_{space}_{which}")
+
+                kid = get("kid_mean")
+                kid_text = "n/a" if kid is None else f"{1e3 * kid:.2f} ± {1e3 * (get('kid_std') or 0.0):.2f}"
+                lines.append(
+                    f"| {' / '.join(row['classes'])} | {row['beta']:g} | {alpha} | {space} | {_number(get('fid'), 2)} | "
+                    f"{kid_text} | {_number(get('precision'), 3)} | {_number(get('recall'), 3)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def validity_findings(table: Sequence[dict[str, Any]]) -> str:
+    """Table 1's validity: the valid share of prompt-only and of the best alpha, and, where the best alpha costs
+    validity (below :data:`MIN_VALID_SHARE`), the alpha with the best drop that keeps it, said in plain words."""
+    lines = [
+        f"| classes | β | valid, α = 0 | best α: valid | best α with ≥ {100 * MIN_VALID_SHARE:.0f} % valid | its M(KLDB) | "
+        "its KLDB change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    words = []
+    for row in table:
+        classes = " / ".join(row["classes"])
+        lines.append(
+            f"| {classes} | {row['beta']:g} | {_share(row.get('valid_share_baseline'))} | "
+            f"{_alpha(row['alpha_best'], row.get('alpha_mode_best'))}: {_share(row.get('valid_share_best'))} | "
+            f"{_alpha(row.get('alpha_valid'))} | {_number(row.get('median_kldb_valid'))} | "
+            f"{_percent_with_interval(row.get('relative_kldb_change_valid'), None, None)} |"
+        )
+        best = row.get("valid_share_best")
+        if best is not None and best < MIN_VALID_SHARE:
+            alternative = (
+                f"the best alpha that keeps at least {100 * MIN_VALID_SHARE:.0f} % valid is {_alpha(row.get('alpha_valid'))}"
+                f" (median KLDB {_number(row.get('median_kldb_valid'))})"
+                if row.get("alpha_valid") is not None
+                else f"no guided alpha keeps {100 * MIN_VALID_SHARE:.0f} % valid"
+            )
+            words.append(
+                f"- {classes}, β {row['beta']:g}: the best alpha for KLDB ({_alpha(row['alpha_best'])}) costs validity: "
+                f"{_share(best)} of its images are still judged images of C by the oracle; {alternative}."
+            )
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(words) + "\n" if words else "")
 
 
 def auto_pilots_markdown(pilots: Sequence[dict[str, Any]]) -> str:
