@@ -92,8 +92,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--alphas", "0", "-0.1"], r"Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 but got [0.0, -0.1]"),
-        (["--alphas", "nan"], "Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 but got [nan]"),
+        (["--alphas", "0", "-0.1"], r'Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 (or "auto") but got [0.0, -0.1]'),
+        (["--alphas", "nan"], 'Expected argument `alphas` to be a non-empty list of distinct finite numbers >= 0 (or "auto") but got [nan]'),
         (["--betas", "3", "3"], "Expected argument `betas` to be a non-empty list of distinct finite numbers >= 0 but got [3.0, 3.0]"),
         (["--num-images", "0"], "Expected argument `--num-images` to be a positive integer but got 0"),
         (["--seed", "-1"], "Expected argument `--seed` to be a non-negative integer but got -1"),
@@ -123,7 +123,7 @@ def test_sweep_input_errors(tmp_path, capsys, argv, message):
     ("argv", "message"),
     [
         (["--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
-        (["--alphas", "abc"], "argument --alphas: invalid float value: 'abc'"),
+        (["--alphas", "abc"], "argument --alphas: expected a number or 'auto' but got 'abc'"),
         (["--gradient", "exact"], "argument --gradient: invalid choice: 'exact'"),
     ],
 )
