@@ -391,7 +391,7 @@ def frechet_distance(real_features: torch.Tensor | np.ndarray, fake_features: to
 def inception_fid_metric(weights_path: str | os.PathLike[str]) -> Any:
     """torchmetrics' ``FrechetInceptionDistance`` on InceptionV3 pool features, with weights from a local file.
 
-    Needs ``torch-fidelity`` (``pip install torch-fidelity``) and the FID InceptionV3 weights
+    Needs ``torch-fidelity`` (the ``audit`` extra) and the FID InceptionV3 weights
     (``pt_inception-2015-12-05-6726825d.pth``) in ``weights_path``: nothing is downloaded.
     """
     path = Path(weights_path)
@@ -404,8 +404,8 @@ def inception_fid_metric(weights_path: str | os.PathLike[str]) -> Any:
         import torch_fidelity  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            "FID on InceptionV3 features needs torch-fidelity: `pip install torch-fidelity`, or use the classifier's "
-            "features (`feature='classifier'`)."
+            "FID on InceptionV3 features needs torch-fidelity: `pip install \"kldb-boundary[audit]\"` (or "
+            "`pip install torch-fidelity`), or use the classifier's features (`feature='classifier'`)."
         ) from error
     from torchmetrics.image.fid import FrechetInceptionDistance
 
