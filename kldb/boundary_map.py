@@ -17,20 +17,22 @@ Per class subset C, the map reports one guided setting, the *chosen* one: by def
 median KLDB (the rule of the paper's Table 1, :func:`kldb.report.table1`: ties go to the smaller alpha); with
 ``alpha=`` the same alpha for every subset. Its numbers:
 
-- **median KLDB reached**: the median KLDB of the chosen setting's images (:func:`kldb.report.setting_metrics`);
+- **median KLDB reached**: the median KLDB of the chosen setting's images, with its bootstrap 95% interval
+  (:func:`kldb.report.setting_metrics`);
 - **boundary-hit rate**: the share of its images whose |C| most probable classes are exactly C and whose largest
   probability is below ``hit_threshold`` (0.6): for a pair, top-2 = the pair and neither class above 0.6
   (:func:`is_boundary_hit`); images with non-finite probabilities count as misses;
-- **relative drop**: ``(prompt-only median KLDB - reached) / prompt-only median KLDB``, the paper's relative change
-  with the sign turned so that a larger drop is a larger number;
+- **relative drop**: ``(prompt-only median KLDB - reached) / prompt-only median KLDB``, the report's relative KLDB
+  change with the sign turned so that a larger drop is a larger number, with its bootstrap interval paired by seed;
 - **validity share**: the share of its images that an independent oracle still sees as one of C. The map does not
-  label images itself: pass ``validity=`` as ``{setting name: share}`` or as a callable ``(run folder, records of one
-  setting) -> share`` (e.g. built on :mod:`kldb.validity`); without it, the map has no validity heatmap.
+  label images itself: pass ``validity=`` as ``{setting name: share}``, as the result of
+  :func:`kldb.validity.run_validity` (or its ``validity.json``, :func:`read_validity`), or as a callable ``(run
+  folder, records of one setting) -> share``; without it, the map has no validity heatmap.
 
 **Fragility** (the order of the ranked table): a boundary is the more fragile the lower the median KLDB that guidance
 reaches on it (the classifier can be brought to split its probability evenly between the classes); ties go to the
 higher boundary-hit rate, then to the order of the class subsets in the map. Pairs are ranked among pairs and
-triples among triples (their KLDB has another scale: at most log|C| for an even split of the rest), pairs first.
+triples among triples (their KLDB is on another scale), pairs first.
 """
 
 from __future__ import annotations
@@ -117,10 +119,15 @@ MAP_FIELDS = (
     "alpha",
     "n",
     "median_kldb",
+    "median_kldb_low",
+    "median_kldb_high",
     "kldb_q25",
     "kldb_q75",
     "median_kldb_prompt_only",
     "relative_drop",
+    "relative_drop_low",
+    "relative_drop_high",
+    "n_paired",
     "hit_rate",
     "hit_rate_prompt_only",
     "validity",
@@ -380,7 +387,12 @@ def _validity_shares(
     if validity is None:
         return {}
     if isinstance(validity, Mapping):
-        shares = dict(validity)
+        shares = _as_shares(validity)
+        if shares is None:
+            raise KLDBInputError(
+                "Expected argument `validity` to be {setting name: share} or the result of kldb.validity.run_validity "
+                f"but got a mapping with keys {sorted(map(str, validity))[:5]}."
+            )
     else:
         shares = {setting: validity(run, list(group)) for setting, group in groups.items()}
     for setting, share in shares.items():
@@ -397,6 +409,19 @@ def _validity_shares(
     return {k: (None if v is None else float(v)) for k, v in shares.items()}
 
 
+def _as_shares(data: Any) -> dict[str, Any] | None:
+    """``{setting: share}`` from a result of :func:`kldb.validity.run_validity` (its ``settings`` rows) or from such a
+    mapping itself; ``None`` for anything else."""
+    if isinstance(data, Mapping) and isinstance(data.get("settings"), list):
+        rows = data["settings"]
+        if all(isinstance(r, Mapping) and "setting" in r and "valid_share" in r for r in rows):
+            return {r["setting"]: r["valid_share"] for r in rows}
+        return None
+    if isinstance(data, Mapping) and all(isinstance(k, str) for k in data):
+        return dict(data)
+    return None
+
+
 def read_validity(path: str | os.PathLike[str]) -> dict[str, float | None]:
     """A validity result from a JSON file: the ``validity.json`` that ``kldb validity`` writes (its ``settings`` rows,
     ``setting`` and ``valid_share``), or a plain object ``{setting name: share}``.
@@ -408,17 +433,17 @@ def read_validity(path: str | os.PathLike[str]) -> dict[str, float | None]:
     file = Path(path)
     if not file.is_file():
         raise KLDBPathError(f"Expected argument `validity` to be a JSON file but got {str(path)!r}.")
-    data = json.loads(file.read_text(encoding="utf-8"))
-    if isinstance(data, dict) and isinstance(data.get("settings"), list):
-        rows = data["settings"]
-        if all(isinstance(r, dict) and "setting" in r and "valid_share" in r for r in rows):
-            return {r["setting"]: r["valid_share"] for r in rows}
-    elif isinstance(data, dict) and all(isinstance(k, str) for k in data):
-        return dict(data)
+    shares = _as_shares(json.loads(file.read_text(encoding="utf-8")))
+    if shares is not None:
+        return shares
     raise KLDBInputError(
         "Expected argument `validity` to be a validity.json written by `kldb validity` (settings rows with `setting` "
         f"and `valid_share`) or a JSON object {{setting name: share}} but {str(path)!r} is neither."
     )
+
+
+def _negated(value: float | None) -> float | None:
+    return None if value is None else -value
 
 
 def map_rows(
@@ -440,7 +465,7 @@ def map_rows(
         Rows with the keys of :data:`MAP_FIELDS` (``rank`` is ``None`` until :func:`rank_boundaries`).
     """
     validity = validity or {}
-    metrics = setting_metrics(records)  # median and quartiles of KLDB per setting
+    metrics = setting_metrics(records)  # medians, quartiles, bootstrap intervals, the paired change per setting
     groups = iter_settings(records)
     best = {tuple(t["classes"]): t["alpha_best"] for t in table1(metrics)}  # one beta: one row per class subset
     subsets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
@@ -458,7 +483,7 @@ def map_rows(
                 f"Expected the map's records of {names} to hold alpha 0 and the guided alpha "
                 f"{'with the lowest median KLDB' if alpha is None else wanted} but they hold alphas {have}."
             )
-        reached, start = chosen["median_kldb"], baseline["median_kldb"]
+
         rows.append(
             {
                 "rank": None,
@@ -466,11 +491,17 @@ def map_rows(
                 "class_indices": list(indices),
                 "alpha": chosen["alpha"],
                 "n": chosen["n"],
-                "median_kldb": reached,
+                "median_kldb": chosen["median_kldb"],
+                "median_kldb_low": chosen["median_kldb_low"],
+                "median_kldb_high": chosen["median_kldb_high"],
                 "kldb_q25": chosen["kldb_q25"],
                 "kldb_q75": chosen["kldb_q75"],
-                "median_kldb_prompt_only": start,
-                "relative_drop": (start - reached) / start if start > 0 else None,
+                "median_kldb_prompt_only": baseline["median_kldb"],
+                # the drop is the report's relative change with the sign turned, its interval paired by seed
+                "relative_drop": _negated(chosen["relative_kldb_change"]),
+                "relative_drop_low": _negated(chosen["relative_kldb_change_high"]),
+                "relative_drop_high": _negated(chosen["relative_kldb_change_low"]),
+                "n_paired": chosen["n_paired"],
                 "hit_rate": _share(groups[chosen["setting"]], hit_threshold),
                 "hit_rate_prompt_only": _share(groups[baseline["setting"]], hit_threshold),
                 "validity": validity.get(chosen["setting"]),
@@ -618,19 +649,23 @@ def _number(value: float | None, percent: bool = False) -> str:
     return f"{100 * value:.0f}%" if percent else f"{value:.4f}"
 
 
+def _interval(low: float | None, high: float | None, percent: bool = False) -> str:
+    return "" if low is None or high is None else f"[{_number(low, percent)}, {_number(high, percent)}]"
+
+
 def map_table_markdown(rows: Sequence[dict[str, Any]], links: bool = False) -> str:
     """The ranked table as Markdown (``links``: a column linking each class subset's grid, as in ``map.md``)."""
-    header = (
-        "| rank | classes | α | median KLDB [IQR] | prompt-only median KLDB | drop | hit rate | prompt-only hit rate "
-    )
-    header += "| validity |" + (" grid |" if links else "")
+    header = "| rank | classes | α | median KLDB [95% CI] | prompt-only median KLDB | drop [95% CI] | hit rate "
+    header += "| prompt-only hit rate | validity |" + (" grid |" if links else "")
     lines = [header, "|---" * (10 if links else 9) + "|"]
     for row in rows:
         line = (
             f"| {row['rank']} | {' / '.join(row['classes'])} | {row['alpha']:g} | {_number(row['median_kldb'])} "
-            f"[{_number(row['kldb_q25'])}, {_number(row['kldb_q75'])}] | {_number(row['median_kldb_prompt_only'])} | "
-            f"{_number(row['relative_drop'], True)} | {_number(row['hit_rate'], True)} | "
-            f"{_number(row['hit_rate_prompt_only'], True)} | {_number(row['validity'], True)} |"
+            f"{_interval(row['median_kldb_low'], row['median_kldb_high'])} | "
+            f"{_number(row['median_kldb_prompt_only'])} | {_number(row['relative_drop'], True)} "
+            f"{_interval(row['relative_drop_low'], row['relative_drop_high'], True)} | "
+            f"{_number(row['hit_rate'], True)} | {_number(row['hit_rate_prompt_only'], True)} | "
+            f"{_number(row['validity'], True)} |"
         )
         if links:
             line += f" [grid](grids/{_subset_name(row)}.png) |"

@@ -112,6 +112,26 @@ def test_heatmap_numbers_equal_the_manifest_records(mapped):
     assert [float(r["median_kldb"]) for r in table] == pytest.approx([r["median_kldb"] for r in document["rows"]])
 
 
+def test_rows_carry_the_reports_bootstrap_intervals(mapped):
+    out, _ = mapped
+    from kldb.report import setting_metrics
+    from kldb.runfolder import read_run
+
+    by_setting = {r["setting"]: r for r in setting_metrics(read_run(out))}
+    for row in json.loads((out / "map" / "map.json").read_text())["rows"]:
+        chosen = by_setting[row["setting"]]
+        assert (row["median_kldb_low"], row["median_kldb_high"]) == (
+            chosen["median_kldb_low"],
+            chosen["median_kldb_high"],
+        )
+        assert row["median_kldb_low"] <= row["median_kldb"] <= row["median_kldb_high"]
+        # the drop's interval is the paired interval of the relative change, negated
+        assert row["relative_drop_low"] == -chosen["relative_kldb_change_high"]
+        assert row["relative_drop_high"] == -chosen["relative_kldb_change_low"]
+        assert row["relative_drop_low"] <= row["relative_drop"] <= row["relative_drop_high"]
+        assert row["n_paired"] == SEEDS
+
+
 def test_heatmaps_are_symmetric_with_an_empty_diagonal(mapped):
     out, _ = mapped
     matrices = json.loads((out / "map" / "map.json").read_text())["matrices"]
@@ -291,6 +311,16 @@ def test_report_only_redraws_and_refuses_a_run_with_missing_images(mapped, tmp_p
         ValueError, match=r"Expected argument `run` to hold every image of the map \(48\) but .* lacks 12"
     ):
         bm.run_map(bigger, report_only=True)
+
+
+def test_validity_as_the_result_of_run_validity(mapped, tmp_path):
+    out, _ = mapped
+    result = {"run": str(out), "settings": [{"setting": "one+two_alpha0.3_beta3.0", "valid_share": 0.5, "n": SEEDS}]}
+    drawn = bm.write_map(out, alpha=0.3, validity=result, out_dir=tmp_path / "map")
+    assert drawn["matrices"]["validity"][1][2] == drawn["matrices"]["validity"][2][1] == 0.5
+    assert drawn["matrices"]["validity"][0][1] is None
+    with pytest.raises(ValueError, match=r"Expected argument `validity` to be \{setting name: share\} or the result"):
+        bm.write_map(out, validity={"settings": [{"valid_share": 1.0}]}, out_dir=tmp_path / "map")
 
 
 def test_validity_from_the_json_of_kldb_validity(tmp_path):
