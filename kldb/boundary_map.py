@@ -57,7 +57,7 @@ from kldb.metrics import top_set_is_classes
 from kldb.presets import PRESETS, QUICK_START
 from kldb.report import setting_metrics, table1, to_csv
 from kldb.runfolder import ImageRecord, Setting, iter_settings, read_run, run_labels
-from kldb.sweep import SweepConfig, SweepResult, build_settings, check_config, run_sweep
+from kldb.sweep import SweepConfig, SweepResult, build_settings, check_config, check_resume, run_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -846,7 +846,8 @@ def run_map(
         validity, alpha, per_subset, hit_threshold: see :func:`write_map`.
         progress: the sweep's progress bar.
         state: an ``accelerate.PartialState`` (see :func:`kldb.sweep.run_sweep`).
-        report_only: make no image: redraw the map of a run that holds all of them (else an error says how many lack).
+        report_only: make no image: redraw the map of a run that holds all of them (else an error says how many lack),
+            made with the same image-fixing settings (else an error names the first that differs).
 
     Returns:
         A :class:`MapResult`; on processes other than the main one, without rows and files.
@@ -865,6 +866,7 @@ def run_map(
     out = Path(config.out_dir)
     if report_only:
         check_config(config)
+        check_resume(out, config)  # the run's images were made with these image-fixing settings
         result, main = None, True
     else:
         result = run_sweep(config, progress=progress, state=state)

@@ -311,6 +311,13 @@ def test_report_only_redraws_and_refuses_a_run_with_missing_images(mapped, tmp_p
         ValueError, match=r"Expected argument `run` to hold every image of the map \(48\) but .* lacks 12"
     ):
         bm.run_map(bigger, report_only=True)
+    other = bm.map_config(
+        out, CLASSES, triples=True, seeds=SEEDS, alphas=ALPHAS, beta=3.0, **{**TINY, "num_inference_steps": 5}
+    )
+    with pytest.raises(
+        ValueError, match=r"Expected argument `num_inference_steps` to be 4, as in the run being resumed"
+    ):
+        bm.run_map(other, report_only=True)
 
 
 def test_validity_as_the_result_of_run_validity(mapped, tmp_path):
