@@ -46,6 +46,7 @@ import torch
 from kldb.demo import format_summary, write_comparison
 from kldb.errors import KLDBInputError, KLDBPathError
 from kldb.io import atomic_write_bytes, atomic_write_json, json_safe
+from kldb.loading import DTYPES
 from kldb.presets import PRESETS, QUICK_START, Preset
 from kldb.render import caption_lines
 from pipeline_kldb_boundary import STEP_CONTROLS, KLDBBoundaryPipeline, class_prompt, resolve_classes
@@ -335,7 +336,10 @@ def generate(
     folder = _session(session)
     call_dir = folder / f"explore-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     for old in folder.glob("explore-*"):  # one Explore result per session on disk: the latest
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     settings = {
         "world": world.description,
         "prompt": prompt,
@@ -700,8 +704,16 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                     )  # fmt: skip
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
-                    prompt_only = gr.Gallery(label="Prompt only (alpha = 0)", columns=4, elem_id="gallery-prompt-only")
-                    guided = gr.Gallery(label="KLDB-guided", columns=4, elem_id="gallery-guided")
+                    prompt_only = gr.Gallery(
+                        label="Prompt only (alpha = 0)",
+                        columns=4,
+                        height="auto",
+                        format="png",
+                        elem_id="gallery-prompt-only",
+                    )
+                    guided = gr.Gallery(
+                        label="KLDB-guided", columns=4, height="auto", format="png", elem_id="gallery-guided"
+                    )
                     medians = gr.Dataframe(headers=MEDIAN_HEADERS, label="Medians", elem_id="medians",
                                            interactive=False)  # fmt: skip
                     summary = gr.Markdown(elem_id="summary")
@@ -838,6 +850,19 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+#: Small images drawn with sharp pixels (a 32 x 32 digit is shown much larger than it is).
+CSS = (
+    "#gallery-prompt-only img, #gallery-guided img, #edit-before img, #edit-after img { image-rendering: pixelated; }"
+)
+
+
+def launch(demo: Any, host: str | None = DEFAULT_HOST, port: int | None = DEFAULT_PORT, **kwargs: Any) -> Any:
+    """Serve ``demo`` (from :func:`build_app`); ``host``/``port`` ``None`` leave them to Gradio (``GRADIO_SERVER_NAME``
+    and ``GRADIO_SERVER_PORT``, as a Hugging Face Space sets them; else 127.0.0.1:7860)."""
+    kwargs = {"ssr_mode": False, "show_error": False, "css": CSS, **kwargs}
+    return demo.launch(server_name=host, server_port=port, **kwargs)
+
+
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kldb app`` and ``python -m kldb.app``."""
     parser.add_argument(
@@ -851,7 +876,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
-        "--dtype", default="auto", help="weights dtype: auto, float32, float16, bfloat16 (default: auto)"
+        "--dtype", default="auto", choices=("auto", *DTYPES), help="weights dtype (default: auto: float16 on a GPU)"
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to serve on (default: {DEFAULT_HOST}, this machine only)"
@@ -868,6 +893,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_app_command(args: argparse.Namespace) -> int:
     """Load the world and serve the app until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no usage reports
     from kldb.cli import check_device, check_local_path_spec
 
     check_device(args.device)
@@ -880,7 +906,7 @@ def run_app_command(args: argparse.Namespace) -> int:
     world = load_world(args.pipeline, args.classifier, device=args.device, dtype=args.dtype, tiny=args.tiny)
     demo = build_app(world, max_queue=args.max_queue)
     print(f"Serving the KLDB app on {world.description} at http://{args.host}:{args.port} (Ctrl+C stops it).")
-    demo.launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=False, quiet=True)
+    launch(demo, args.host, args.port, quiet=True)
     return 0
 
 

@@ -899,8 +899,9 @@ def publish(
     stops the upload before the Hub is contacted. Exactly the listed files are uploaded (``allow_patterns``).
 
     Args:
-        folder: a folder written by :func:`export_folder`.
-        repo_id: ``"namespace/name"``; the model repo is created if it does not exist.
+        folder: a folder written by :func:`export_folder`, or a Space written by :func:`kldb.space.write_space`
+            (uploaded to a Gradio Space repo instead of a model repo).
+        repo_id: ``"namespace/name"``; the model repo (or Space) is created if it does not exist.
         token: a Hugging Face token with write access; ``None`` uses the ``HF_TOKEN`` environment variable or the
             stored login. It is only passed to the API, never written anywhere.
         private: create the repo private (only when it is created).
@@ -922,10 +923,13 @@ def publish(
     if root is None or not root.is_dir():
         shown = str(folder) if root is not None else folder
         raise ValueError(f"Expected argument `folder` to be an existing folder but got {shown!r}.")
-    if not (root / "pipeline.py").is_file():
+    from kldb.space import is_space_folder
+
+    space = is_space_folder(root)  # a Space written by `kldb export --space`: uploaded as a Gradio Space repo
+    if not space and not (root / "pipeline.py").is_file():
         raise ValueError(
-            f"Expected argument `folder` to be a folder written by `export_folder` (with a pipeline.py) but "
-            f"{str(folder)!r} has none."
+            f"Expected argument `folder` to be a folder written by `export_folder` (with a pipeline.py) or a Space "
+            f"(a README.md whose YAML header names its sdk) but {str(folder)!r} is neither."
         )
     if revision is not None and (not isinstance(revision, str) or not revision.strip() or " " in revision):
         raise ValueError(f"Expected argument `revision` to be a branch name without spaces but got {revision!r}.")
@@ -955,13 +959,17 @@ def publish(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id=repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+    repo_type = "space" if space else "model"
+    repo_kwargs = {"space_sdk": "gradio"} if space else {}
+    repo_url = api.create_repo(
+        repo_id=repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True, **repo_kwargs
+    )
     if revision is not None:
-        api.create_branch(repo_id=repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+        api.create_branch(repo_id=repo_id, branch=revision, token=token, repo_type=repo_type, exist_ok=True)
     result.commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=str(root),
-        repo_type="model",
+        repo_type=repo_type,
         revision=revision,
         token=token,
         commit_message=commit_message,

@@ -3,6 +3,7 @@
     python -m kldb.hub_cli export digits exported/kldb-digits --repo-id me/kldb-digits
     python -m kldb.hub_cli export my-sd-audit exported/sd --base-model CompVis/stable-diffusion-v1-4
     python -m kldb.hub_cli export --community proposal/   # kldb_boundary.py + README row and section for diffusers
+    python -m kldb.hub_cli export --space space/          # a Gradio Space running the app on the digits world
     python -m kldb.hub_cli publish exported/kldb-digits me/kldb-digits --dry-run   # lists files, uploads nothing
     python -m kldb.hub_cli publish exported/kldb-digits me/kldb-digits             # token: HF_TOKEN or `hf auth login`
 
@@ -74,11 +75,26 @@ def add_hub_commands(subparsers: Any) -> None:
         "--author", default=None, help="with --community: the README row's Author (default: kldb-boundary developers)"
     )
     export.add_argument("--author-url", default=None, help="with --community: an https:// address for the author")
+    export.add_argument(
+        "--space",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a Hugging Face Space into DIR (app.py, requirements.txt, README.md with the Space header) that "
+        "runs `kldb app` on the digits world; SOURCE and OUT may then be left out (kldb.space)",
+    )
+    export.add_argument(
+        "--space-requirement",
+        default=None,
+        help="with --space: the requirements.txt line that installs kldb-boundary (default: kldb-boundary[app]==<this "
+        "version>; e.g. a git URL)",
+    )
     export.set_defaults(handler=run_export)
 
     upload = subparsers.add_parser(
         "publish",
-        help="upload an exported folder to the Hub (create_repo + upload_folder); --dry-run lists the files",
+        help="upload an exported folder (or a Space written by `export --space`) to the Hub (create_repo + "
+        "upload_folder); --dry-run lists the files",
         description="Upload an exported folder to the Hugging Face Hub after a security scan.",
     )
     upload.add_argument("folder", type=Path, help="a folder written by `export`")
@@ -134,6 +150,14 @@ def run_export(args: argparse.Namespace) -> int:
             base_model=args.base_model,
         )
         print(f"Exported {source} to {folder}. Check it with `publish {folder} <repo_id> --dry-run`.")
+    if args.space is not None:
+        from kldb.space import write_space
+
+        folder = write_space(args.space, requirement=args.space_requirement)
+        print(
+            f"Wrote a Gradio Space to {folder} (app.py, requirements.txt, README.md). Try it with `python app.py` there; "
+            f"check the upload with `publish {folder} <user>/<space> --dry-run`."
+        )
     if args.community is not None:
         from kldb.community import DEFAULT_AUTHOR, write_community_files
 
@@ -158,11 +182,13 @@ def _check_export_arguments(args: argparse.Namespace) -> None:
         raise KLDBInputError(
             "Expected `--author` and `--author-url` only with `--community`, whose README row they fill."
         )
-    if args.community is None or args.source is not None:
+    if args.space_requirement is not None and args.space is None:
+        raise KLDBInputError("Expected `--space-requirement` only with `--space`, whose requirements.txt it fills.")
+    if (args.community is None and args.space is None) or args.source is not None:
         if args.source is None or args.out is None:
             raise KLDBInputError(
                 "Expected the arguments SOURCE and OUT (a saved pipeline folder or 'digits', and the destination "
-                "folder), or `--community DIR` alone."
+                "folder), or `--community DIR` / `--space DIR` alone."
             )
     else:
         given = [name for name in _EXPORT_OPTIONS if getattr(args, name) not in (None, False)]
@@ -170,8 +196,9 @@ def _check_export_arguments(args: argparse.Namespace) -> None:
             given.append("no_model_card")
         if given:
             options = ", ".join(f"`--{name.replace('_', '-')}`" for name in given)
+            alone = "community" if args.community is not None else "space"
             raise KLDBInputError(
-                f"Expected {options} only with SOURCE and OUT: `--community DIR` alone exports no weights."
+                f"Expected {options} only with SOURCE and OUT: `--{alone} DIR` alone exports no weights."
             )
     if args.community is not None and args.out is not None:
         out, community = args.out.resolve(), args.community.resolve()
