@@ -8,11 +8,14 @@ the share of images whose KLDB went down, and the share predicted inside the pai
 
 Two prompt modes: ``classes`` (the paper's "three and eight") and ``empty`` ("": unconditional editing).
 
-Results go to a JSON file written after every setting (atomically), so a rerun resumes; ``--table`` prints the
-Markdown table of a results file. Measured on a shared, busy 2-core CPU: times are not speed claims.
+Results go to a JSON file written after every setting (atomically), so a rerun resumes, and the images of each
+setting to ``<out stem>_images/`` (8-bit ``.npz``); ``--table`` prints the Markdown table of a results file, ``--plot``
+draws median KLDB after against median distance per strength, ``--grid`` a captioned before/after grid. Measured on a
+shared, busy 2-core CPU: times are not speed claims.
 
     python benchmarks/real_image_to_boundary.py --out benchmarks/results/real_image_to_boundary_digits.json
-    python benchmarks/real_image_to_boundary.py --out benchmarks/results/real_image_to_boundary_digits.json --table
+    python benchmarks/real_image_to_boundary.py --out benchmarks/results/real_image_to_boundary_digits.json --table \
+        --plot docs/real_image_to_boundary.png --grid docs/real_image_to_boundary_grid.png
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
@@ -49,6 +53,25 @@ def name(source: int, setting: dict[str, Any]) -> str:
     return f"{source} strength {setting['strength']:g} alpha {setting['alpha']:g} prompt {setting['prompt']}"
 
 
+def images_dir(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_images")
+
+
+def slug(key: str) -> str:
+    return key.replace(" ", "_")
+
+
+def save_images(path: Path, images: torch.Tensor) -> None:
+    """``(n, 3, H, W)`` in [0, 1] as 8-bit ``(n, H, W, 3)`` in an ``.npz``, written atomically."""
+    import io
+
+    from kldb.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=(images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kldb.digits import load_digits_split, load_pipeline
 
@@ -68,8 +91,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for setting in settings(args.strengths, args.alpha, args.prompt_strength):
         for source, pair in TASKS:
             inputs = images[labels == source][: args.n]  # (n, 3, 32, 32) in [0, 1]
+            if not (images_dir(out) / f"input_{source}.npz").is_file():
+                save_images(images_dir(out) / f"input_{source}.npz", inputs)
             key = name(source, setting)
-            if key in runs:
+            if key in runs and (images_dir(out) / f"{slug(key)}.npz").is_file():
                 continue
             start = time.perf_counter()
             out_ = pipe(
@@ -85,6 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "predicted_class_start": out_.predicted_class_start.tolist(),
                 "predicted_class": out_.predicted_class.tolist(),
             }  # fmt: skip
+            save_images(images_dir(out) / f"{slug(key)}.npz", out_.images.float().cpu())
             atomic_write_json(out, results)
             print(key, summary(runs[key]), flush=True)
     return results
@@ -124,6 +150,82 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Median KLDB after against median pixel L2 per strength (class prompt, the run's alpha), one line per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for source, pair in TASKS:
+        records = sorted(
+            (
+                r
+                for r in results["runs"].values()
+                if r["source"] == source and r["prompt"] == "classes" and r["alpha"] > 0
+            ),
+            key=lambda r: r["strength"],
+        )
+        if not records:
+            continue
+        points = [summary(r) for r in records]
+        xs, ys = [p["median_pixel_l2"] for p in points], [p["median_kldb"] for p in points]
+        line = ax.plot(xs, ys, marker="o", label=f"{source} -> {{{pair[0]}, {pair[1]}}}")[0]
+        for r, x, y in zip(records, xs, ys):
+            ax.annotate(f"s={r['strength']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(points[0]["median_kldb_start"], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_xlabel("median pixel L2 to the input image")
+    ax.set_ylabel("median KLDB after (nats); dashed: before")
+    ax.set_title("Real digits edited toward a boundary: strength trades distance for KLDB", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grid(results: dict[str, Any], out: Path, path: Path, per_class: int = 4) -> None:
+    """Inputs and their edits at each strength (class prompt), ``per_class`` images of each source class, captioned."""
+    import PIL.Image
+
+    from kldb.digits import LABELS
+    from kldb.io import save_png
+    from kldb.render import captioned_grid, labelled
+
+    def pil(array: np.ndarray) -> PIL.Image.Image:
+        return PIL.Image.fromarray(array)
+
+    folder = images_dir(out)
+    rows = [("input", [], [])]
+    strengths = sorted(
+        {r["strength"] for r in results["runs"].values() if r["prompt"] == "classes" and r["alpha"] > 0}
+    )
+    rows += [(f"strength {s:g}", [], []) for s in strengths]
+    for source, _ in TASKS:
+        inputs = np.load(folder / f"input_{source}.npz")["images"]
+        first = next(r for r in results["runs"].values() if r["source"] == source)
+        for i in range(per_class):
+            rows[0][1].append(pil(inputs[i]))
+            rows[0][2].append(
+                [labelled("KLDB", first["kldb_start"][i], 2), f"class {LABELS[first['predicted_class_start'][i]]}"]
+            )
+        for row, strength in zip(rows[1:], strengths):
+            key = next(
+                k for k, r in results["runs"].items()
+                if r["source"] == source and r["strength"] == strength and r["prompt"] == "classes" and r["alpha"] > 0
+            )  # fmt: skip
+            edited = np.load(folder / f"{slug(key)}.npz")["images"]
+            record = results["runs"][key]
+            for i in range(per_class):
+                row[1].append(pil(edited[i]))
+                row[2].append(
+                    [labelled("KLDB", record["kldb"][i], 2), f"class {LABELS[record['predicted_class'][i]]}",
+                     labelled("L2", record["pixel_l2"][i], 1)]
+                )  # fmt: skip
+    save_png(path, captioned_grid(rows, cell=64))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="results JSON (resumed when it exists)")
@@ -134,10 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--beta", type=float, default=6.0)
     parser.add_argument("--interval", type=int, default=5)
-    parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    parser.add_argument("--table", action="store_true", help="print the table of --out and stop (no sampling)")
+    parser.add_argument("--plot", type=Path, help="with --table: draw the strength plot to this PNG")
+    parser.add_argument("--grid", type=Path, help="with --table: draw the before/after grid to this PNG")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(json.loads(Path(args.out).read_text())))
+        results = json.loads(Path(args.out).read_text())
+        print(table(results))
+        if args.plot is not None:
+            plot(results, args.plot)
+        if args.grid is not None:
+            grid(results, Path(args.out), args.grid)
         return
     print(table(run(args)))
 

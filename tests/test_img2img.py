@@ -108,8 +108,22 @@ def encoded_and_noised(pipe, image: torch.Tensor, generator, steps: int, strengt
 
 
 def test_without_image_the_outputs_are_those_stored_before_image_to_image_existed(pipe):
-    """Guided runs in both gradient modes and with backtracking, bit for bit against outputs of commit 6c096cc."""
+    """Guided runs in both gradient modes and with backtracking, bit for bit against outputs of commit 6c096cc.
+
+    The tiny components' random weights depend on the library versions, so the stored outputs hold only in the
+    environment that made them (recorded in the file); elsewhere (``make test-compat``) the test is skipped.
+    """
+    import diffusers
+    import transformers
+
     reference = np.load(REFERENCE, allow_pickle=False)
+    here = [
+        f"torch=={torch.__version__}",
+        f"diffusers=={diffusers.__version__}",
+        f"transformers=={transformers.__version__}",
+    ]
+    if reference["versions"].tolist() != here:
+        pytest.skip(f"reference outputs made with {reference['versions'].tolist()}, not {here}")
     for mode in ("unet", "detached"):
         out = pipe(
             classes=CLASSES, num_inference_steps=6, kldb_guidance_interval=2, kldb_gradient=mode, guidance_scale=5.0,
