@@ -97,6 +97,13 @@ EXAMPLE_DOC_STRING = """
         ... )
         >>> out.images[0].save("boundary.png")
         >>> print(out.kldb, out.probabilities[:, out.classes])
+
+        >>> # from a photo instead of noise: the last int(40 * strength) steps run from it (sizes divisible by 8)
+        >>> from diffusers.utils import load_image
+
+        >>> photo = load_image("my_dog.png").resize((512, 512))
+        >>> edit = pipe(image=photo, strength=0.5, classes=["Chihuahua", "papillon"], kldb_guidance_scale=0.1)
+        >>> print(edit.kldb_start, edit.kldb, edit.pixel_l2, edit.predicted_class_start, edit.predicted_class)
         ```
 """
 
