@@ -850,9 +850,12 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-#: Small images drawn with sharp pixels (a 32 x 32 digit is shown much larger than it is).
+#: Small images drawn with sharp pixels (a 32 x 32 digit is shown much larger than it is); captions wrap instead of
+#: being cut; the galleries take the height of their images.
 CSS = (
-    "#gallery-prompt-only img, #gallery-guided img, #edit-before img, #edit-after img { image-rendering: pixelated; }"
+    "#gallery-prompt-only img, #gallery-guided img, #edit-before img, #edit-after img { image-rendering: pixelated; }\n"
+    "#gallery-prompt-only .caption-label, #gallery-guided .caption-label { white-space: normal; max-width: 100%; }\n"
+    "#gallery-prompt-only .fixed-height, #gallery-guided .fixed-height { min-height: 0; }"
 )
 
 
