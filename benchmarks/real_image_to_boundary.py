@@ -143,7 +143,7 @@ def table(results: dict[str, Any]) -> str:
         s = summary(record)
         ssim = f"{s['median_ssim']:.3f}" if s["median_ssim"] is not None else "-"
         lines.append(
-            f"| {record['source']} -> {set(record['classes'])} | {record['strength']:g} | {record['alpha']:g} | "
+            f"| {record['source']} -> {{{', '.join(map(str, record['classes']))}}} | {record['strength']:g} | {record['alpha']:g} | "
             f"{record['prompt']} | {s['median_kldb_start']:.3f} -> {s['median_kldb']:.3f} | {100 * s['lowered']:.0f} % | "
             f"{s['median_pixel_l2']:.2f} | {ssim} | {100 * s['predicted_in_pair']:.0f} % | {100 * s['flipped']:.0f} % |"
         )
@@ -198,9 +198,15 @@ def grid(results: dict[str, Any], out: Path, path: Path, per_class: int = 4) -> 
 
     folder = images_dir(out)
     rows = [("input", [], [])]
-    strengths = sorted(
-        {r["strength"] for r in results["runs"].values() if r["prompt"] == "classes" and r["alpha"] > 0}
-    )
+    done = [
+        {
+            r["strength"]
+            for r in results["runs"].values()
+            if r["source"] == source and r["prompt"] == "classes" and r["alpha"] > 0
+        }
+        for source, _ in TASKS
+    ]
+    strengths = sorted(set.intersection(*done))  # the strengths done for every source class
     rows += [(f"strength {s:g}", [], []) for s in strengths]
     for source, _ in TASKS:
         inputs = np.load(folder / f"input_{source}.npz")["images"]
