@@ -655,9 +655,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument(
         "--distance",
-        choices=("pixel_l2", "ssim"),
+        choices=("pixel_l2", "ssim", "feature"),
         default="pixel_l2",
-        help="distance to the input (default: pixel_l2)",
+        help="distance to the input: pixel L2, 1 - SSIM, or L2 in the --feature-net space (default: pixel_l2)",
+    )
+    edit.add_argument(
+        "--feature-net",
+        help="with --distance feature: a feature network folder (default: the digits world's independent one)",
     )
     edit.add_argument(
         "--size", nargs=2, type=int, metavar=("H", "W"), help="resize the image to H x W first (bilinear)"
@@ -917,6 +921,11 @@ def _run_edit(args: argparse.Namespace) -> int:
         pipe.set_lms_scheduler(**overrides)
     pipe.set_progress_bar_config(disable=True)
     image = load_image(args.image, size=tuple(args.size) if args.size is not None else None)  # (3, H, W) in [0, 1]
+    feature_net = None
+    if args.distance == "feature" or args.feature_net is not None:
+        from kldb.digits.feature_net import load_feature_net
+
+        feature_net = load_feature_net(args.feature_net, device=args.device)
     result = counterfactual(
         pipe,
         image,
@@ -926,6 +935,7 @@ def _run_edit(args: argparse.Namespace) -> int:
         threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
         distance=args.distance,
         seed=args.seed,
+        feature_net=feature_net,
         prompt=args.prompt,
         num_inference_steps=args.steps or preset.num_inference_steps,
         guidance_scale=preset.beta if args.beta is None else args.beta,

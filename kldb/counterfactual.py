@@ -9,8 +9,10 @@ none, and the result says so.
 
 Distances come from the pipeline's output, computed on the returned image against the preprocessed input in ``[0, 1]``:
 ``"pixel_l2"`` (Euclidean distance over all pixel values, :func:`pipeline_kldb_boundary.pixel_l2`) or ``"ssim"``
-(``1 - SSIM``, torchmetrics' implementation; needs the ``audit`` extra). A distance in the independent feature space
-of a world (the digits world's feature network) can be added here once that network exists.
+(``1 - SSIM``, torchmetrics' implementation; needs the ``audit`` extra), or ``"feature"``: the Euclidean distance
+between the features of the edited image and of the input in a feature network the caller gives (``feature_net``: a
+callable mapping ``[B, 3, H, W]`` in ``[0, 1]`` to ``[B, d]``), such as the digits world's independent feature space
+(:func:`kldb.digits.feature_net.load_feature_net`), which the guidance does not optimise.
 
 ``kldb edit IMAGE --classes ... --out DIR`` is the command-line form (:func:`write_counterfactual`).
 """
@@ -38,7 +40,7 @@ DEFAULT_ALPHAS: tuple[float, ...] = (float(PAPER_METHOD["alpha"]),)
 #: KLDB (nats) below which an image counts as on the boundary by default: for a pair, 0.1 nats is a split of about
 #: 72 / 28 between the two classes (KLDB = -log 2 - (log p_1 + log p_2) / 2 with p_1 + p_2 = 1).
 DEFAULT_THRESHOLD = 0.1
-DISTANCES = ("pixel_l2", "ssim")
+DISTANCES = ("pixel_l2", "ssim", "feature")
 #: Arguments :func:`counterfactual` sets itself on every call of the grid.
 _GRID_ARGUMENTS = (
     "image", "strength", "classes", "kldb_guidance_scale", "generator", "output_type", "return_dict",
@@ -50,8 +52,8 @@ _GRID_ARGUMENTS = (
 class Candidate:
     """One cell of the grid: the setting, the edited image's scores and its distance to the photo.
 
-    ``distance`` is the one the choice uses (``pixel_l2``, or ``1 - ssim``); ``ssim`` is ``None`` without
-    torchmetrics.
+    ``distance`` is the one the choice uses (``pixel_l2``, ``1 - ssim`` or ``feature_distance``); ``ssim`` is ``None``
+    without torchmetrics, ``feature_distance`` without a feature network.
     """
 
     strength: float
@@ -65,6 +67,7 @@ class Candidate:
     predicted_class_start: int
     probabilities: list[float]
     probabilities_start: list[float]
+    feature_distance: float | None = None
 
 
 @dataclass
@@ -174,6 +177,7 @@ def counterfactual(
     threshold: float = DEFAULT_THRESHOLD,
     distance: str = "pixel_l2",
     seed: int = 0,
+    feature_net: Any = None,
     **call_kwargs: Any,
 ) -> CounterfactualResult:
     """Search a ``strength`` x ``alpha`` grid from one photo for its nearest boundary image.
@@ -191,8 +195,11 @@ def counterfactual(
         strengths: the grid's strengths, in ``(0, 1]``.
         alphas: the grid's KLDB guidance strengths (0: the edit without guidance).
         threshold: KLDB (nats) below which an image is on the boundary.
-        distance: ``"pixel_l2"`` or ``"ssim"`` (``1 - SSIM``; needs torchmetrics).
+        distance: ``"pixel_l2"``, ``"ssim"`` (``1 - SSIM``; needs torchmetrics) or ``"feature"`` (needs
+            ``feature_net``).
         seed: the generator seed of every call.
+        feature_net: optional callable mapping images ``[B, 3, H, W]`` in ``[0, 1]`` to features ``[B, d]``; with
+            it each candidate also records its Euclidean distance to the input in that space.
         call_kwargs: further pipeline arguments (``prompt``, ``num_inference_steps``, ``guidance_scale``,
             ``kldb_guidance_interval``, ...); not those the grid sets.
 
@@ -204,6 +211,14 @@ def counterfactual(
     if fixed:
         raise KLDBInputError(
             f"Expected no argument the grid sets itself ({', '.join(_GRID_ARGUMENTS)}) but got {fixed}."
+        )
+    if distance == "feature" and feature_net is None:
+        raise KLDBInputError(
+            "Expected argument `feature_net` (a callable images -> features) with distance='feature'."
+        )
+    if feature_net is not None and not callable(feature_net):
+        raise KLDBInputTypeError(
+            f"Expected argument `feature_net` to be callable but got {type(feature_net).__name__}."
         )
     if distance == "ssim":
         import importlib.util
@@ -219,6 +234,7 @@ def counterfactual(
     candidates: list[Candidate] = []
     images: list[torch.Tensor] = []
     input_image = pipe.image_processor.denormalize(pixels)[0].cpu()
+    input_features = _features(feature_net, input_image[None]) if feature_net is not None else None
     class_indices: list[int] = []
     for strength in strengths:
         for alpha in alphas:
@@ -235,6 +251,9 @@ def counterfactual(
             if distance == "ssim" and ssim is None:
                 raise MissingExtraError('`distance="ssim"` needs torchmetrics: pip install "kldb-boundary[audit]"')
             l2 = float(out.pixel_l2[0])
+            feature_distance = None
+            if feature_net is not None:
+                feature_distance = float((_features(feature_net, out.images[:1]) - input_features).norm())
             candidates.append(
                 Candidate(
                     strength=strength,
@@ -243,11 +262,16 @@ def counterfactual(
                     kldb_start=float(out.kldb_start[0]),
                     pixel_l2=l2,
                     ssim=ssim,
-                    distance=l2 if distance == "pixel_l2" else 1.0 - ssim,
+                    distance={
+                        "pixel_l2": l2,
+                        "ssim": 1.0 - ssim if ssim is not None else None,
+                        "feature": feature_distance,
+                    }[distance],
                     predicted_class=int(out.predicted_class[0]),
                     predicted_class_start=int(out.predicted_class_start[0]),
                     probabilities=[float(p) for p in out.probabilities[0]],
                     probabilities_start=[float(p) for p in out.probabilities_start[0]],
+                    feature_distance=feature_distance,
                 )
             )
             images.append(out.images[0].float().cpu())
@@ -261,6 +285,19 @@ def counterfactual(
         classes=list(class_indices),
         seed=seed,
     )
+
+
+@torch.no_grad()
+def _features(feature_net: Any, images: torch.Tensor) -> torch.Tensor:
+    """``[B, d]`` float64 features of ``[B, 3, H, W]`` images in ``[0, 1]``, on the CPU."""
+    parameter = next(feature_net.parameters(), None) if isinstance(feature_net, torch.nn.Module) else None
+    features = feature_net(images.float().to(parameter.device if parameter is not None else images.device))
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:
+        got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise KLDBInputError(
+            f"Expected argument `feature_net` to return features of shape [{images.shape[0]}, d] but it returned {got}."
+        )
+    return features.double().cpu()
 
 
 def to_pil(image: torch.Tensor) -> PIL.Image.Image:

@@ -146,6 +146,25 @@ def test_ssim_distance_is_one_minus_ssim(pipe):
     assert result.nearest == int(np.argmax([c.ssim for c in result.candidates]))
 
 
+def test_feature_distance_in_a_given_feature_space(pipe):
+    torch.manual_seed(0)
+    feature_net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    image = photo(9)[0]
+    result = counterfactual(
+        pipe, image, CLASSES, strengths=(0.5, 1.0), alphas=(0.0, 0.5), threshold=10.0, distance="feature", seed=4,
+        feature_net=feature_net, **FAST,
+    )  # fmt: skip
+    with torch.no_grad():
+        reference = feature_net(image[None]).double().numpy()
+        features = feature_net(result.images).double().numpy()
+    expected = np.linalg.norm(features - reference, axis=1)
+    np.testing.assert_allclose([c.feature_distance for c in result.candidates], expected, rtol=1e-6)
+    assert [c.distance for c in result.candidates] == [c.feature_distance for c in result.candidates]
+    assert result.nearest == int(np.argmin(expected))
+    plain = counterfactual(pipe, image, CLASSES, strengths=(0.5,), alphas=(0.0,), **FAST)
+    assert plain.candidates[0].feature_distance is None  # no feature network, no feature distance
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------------------
@@ -185,7 +204,10 @@ def test_write_counterfactual_writes_every_candidate_the_nearest_and_a_record(pi
         ({"alphas": (-0.1,)}, r"`alphas` to be a non-empty sequence of finite numbers >= 0 but got \(-0.1,\)"),
         ({"alphas": "0.1"}, r"`alphas` to be a non-empty sequence of finite numbers >= 0 but got '0.1'"),
         ({"threshold": 0.0}, r"`threshold` to be a positive finite KLDB \(nats\) but got 0.0"),
-        ({"distance": "lpips"}, r"`distance` to be one of \('pixel_l2', 'ssim'\) but got 'lpips'"),
+        ({"distance": "lpips"}, r"`distance` to be one of \('pixel_l2', 'ssim', 'feature'\) but got 'lpips'"),
+        ({"distance": "feature"}, r"Expected argument `feature_net` \(a callable images -> features\) with distance='feature'"),
+        ({"feature_net": "net"}, r"Expected argument `feature_net` to be callable but got str"),
+        ({"feature_net": lambda x: x.mean()}, r"`feature_net` to return features of shape \[1, d\] but it returned \(\)"),
         ({"seed": -1}, r"`seed` to be a non-negative int but got -1"),
         ({"strength": 0.5}, r"Expected no argument the grid sets itself .* but got \['strength'\]"),
         ({"image": photo(1, batch=2)}, r"Expected argument `image` to be one image but it holds 2"),
@@ -245,3 +267,27 @@ def test_kldb_edit_refuses_a_size_the_vae_cannot_take_unless_resized(tmp_path, c
 def test_kldb_edit_refuses_a_missing_image(tmp_path, capsys):
     assert cli.main(["edit", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x"), *TINY]) == 2
     assert "Expected argument `image` to be an image file but got" in capsys.readouterr().err
+
+
+def test_kldb_edit_measures_distance_in_the_digits_feature_space(tmp_path):
+    from kldb.digits.feature_net import load_feature_net
+
+    image = save(tmp_path / "photo.png")
+    out = tmp_path / "edit"
+    argv = ["edit", str(image), "--out", str(out), *TINY, "--strengths", "0.5", "1.0", "--alphas", "0.5",
+            "--threshold", "10", "--distance", "feature"]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads((out / "counterfactual.json").read_text())
+    distances = [c["feature_distance"] for c in record["candidates"]]
+    assert record["distance"] == "feature" and [c["distance"] for c in record["candidates"]] == distances
+    assert record["nearest"] == int(np.argmin(distances))
+    feature_net = load_feature_net()
+    with torch.no_grad():
+        from kldb.io import load_image
+
+        reference = feature_net(load_image(out / "input.png")[None]).double()
+        nearest = feature_net(load_image(out / "nearest.png")[None]).double()
+    # the PNGs are 8-bit: the distance recomputed from them agrees to the rounding of the images
+    assert abs(float((nearest - reference).norm()) - distances[record["nearest"]]) < 0.05 * (
+        1 + distances[record["nearest"]]
+    )
