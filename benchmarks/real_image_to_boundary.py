@@ -130,22 +130,43 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
         "predicted_in_pair": sum(inside) / len(inside),
         "flipped": sum(a != b for a, b in zip(record["predicted_class"], record["predicted_class_start"]))
         / len(after),
+        "median_feature_l2": statistics.median(record["feature_l2"]) if record.get("feature_l2") else None,
     }
+
+
+@torch.no_grad()
+def add_feature_distances(results: dict[str, Any], out: Path) -> None:
+    """Each record's ``feature_l2``: distance of every edited image to its input in the digits world's independent
+    feature space (:mod:`kldb.digits.feature_net`), from the saved 8-bit images."""
+    from kldb.digits.feature_net import load_feature_net
+
+    feature_net = load_feature_net()
+
+    def features(path: Path) -> torch.Tensor:
+        images = torch.from_numpy(np.load(path)["images"]).permute(0, 3, 1, 2).float() / 255
+        return feature_net(images).double()
+
+    folder = images_dir(out)
+    for key, record in results["runs"].items():
+        if (folder / f"{slug(key)}.npz").is_file():
+            edited, inputs = features(folder / f"{slug(key)}.npz"), features(folder / f"input_{record['source']}.npz")
+            record["feature_l2"] = (edited - inputs).norm(dim=1).tolist()
 
 
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| source -> pair | strength | alpha | prompt | median KLDB before -> after | KLDB lowered | median pixel L2 | "
-        "median SSIM | predicted in pair | class changed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "median SSIM | median feature L2 | predicted in pair | class changed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in results["runs"].values():
         s = summary(record)
         ssim = f"{s['median_ssim']:.3f}" if s["median_ssim"] is not None else "-"
+        feature = f"{s['median_feature_l2']:.2f}" if s["median_feature_l2"] is not None else "-"
         lines.append(
             f"| {record['source']} -> {{{', '.join(map(str, record['classes']))}}} | {record['strength']:g} | {record['alpha']:g} | "
             f"{record['prompt']} | {s['median_kldb_start']:.3f} -> {s['median_kldb']:.3f} | {100 * s['lowered']:.0f} % | "
-            f"{s['median_pixel_l2']:.2f} | {ssim} | {100 * s['predicted_in_pair']:.0f} % | {100 * s['flipped']:.0f} % |"
+            f"{s['median_pixel_l2']:.2f} | {ssim} | {feature} | {100 * s['predicted_in_pair']:.0f} % | {100 * s['flipped']:.0f} % |"
         )
     return "\n".join(lines)
 
@@ -248,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.table:
         results = json.loads(Path(args.out).read_text())
+        add_feature_distances(results, Path(args.out))
         print(table(results))
         if args.plot is not None:
             plot(results, args.plot)
