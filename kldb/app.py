@@ -735,7 +735,7 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                     result.galleries["prompt_only"],
                     result.galleries["guided"],
                     result.medians,
-                    f"```\n{result.summary}\n```",
+                    "  \n".join(line.strip() for line in result.summary.splitlines()),
                     gr.DownloadButton(value=str(result.zip_path), interactive=True),
                     folder,
                 )
@@ -854,8 +854,11 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
 #: being cut; the galleries take the height of their images.
 CSS = (
     "#gallery-prompt-only img, #gallery-guided img, #edit-before img, #edit-after img { image-rendering: pixelated; }\n"
-    "#gallery-prompt-only .caption-label, #gallery-guided .caption-label { white-space: normal; max-width: 100%; }\n"
-    "#gallery-prompt-only .fixed-height, #gallery-guided .fixed-height { min-height: 0; }"
+    ":is(#gallery-prompt-only, #gallery-guided) .thumbnail-item { aspect-ratio: auto; height: auto; }\n"
+    ":is(#gallery-prompt-only, #gallery-guided) .thumbnail-lg > img { aspect-ratio: 1 / 1; height: auto; }\n"
+    ":is(#gallery-prompt-only, #gallery-guided) .caption-label { position: static; white-space: normal; max-width: 100%;"
+    " border: none; }\n"
+    ":is(#gallery-prompt-only, #gallery-guided) .fixed-height { min-height: 0; }"
 )
 
 

@@ -258,6 +258,15 @@ def test_the_page_has_its_tabs_and_a_bounded_queue(world):
     assert generate.concurrency_limit == 1 and generate.concurrency_id == "pipeline"
 
 
+def test_the_image_tab_is_left_out_when_the_pipeline_takes_no_image(world, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setattr(kldb_app, "has_image_mode", lambda: False)
+    demo = kldb_app.build_app(world)
+    assert [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)] == ["Explore", "Audit"]
+    assert all(fn.name != "on_edit" for fn in demo.fns.values())
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
     status = cli.main(list(argv))
     return status, capsys.readouterr().err
@@ -281,8 +290,8 @@ def test_kldb_app_names_the_app_extra_when_gradio_is_missing(capsys, monkeypatch
         cli.importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a)
     )
     status, err = run_cli(capsys, "app")
-    assert status == cli.EXIT_USAGE or status == cli.EXIT_FAILURE
-    assert 'pip install "kldb-boundary[app]"' in err
+    assert status == cli.EXIT_USAGE
+    assert "`kldb app` needs gradio" in err and 'pip install "kldb-boundary[app]"' in err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
