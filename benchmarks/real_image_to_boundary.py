@@ -131,16 +131,32 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
         "flipped": sum(a != b for a, b in zip(record["predicted_class"], record["predicted_class_start"]))
         / len(after),
         "median_feature_l2": statistics.median(record["feature_l2"]) if record.get("feature_l2") else None,
+        "valid": sum(c in record["classes"] for c in record["oracle_top1"]) / len(after)
+        if record.get("oracle_top1")
+        else None,
+        "off_manifold": sum(
+            c not in record["classes"] or p < 0.5
+            for c, p in zip(record["oracle_top1"], record["oracle_max_probability"])
+        )
+        / len(after)
+        if record.get("oracle_top1")
+        else None,
     }
 
 
 @torch.no_grad()
-def add_feature_distances(results: dict[str, Any], out: Path) -> None:
-    """Each record's ``feature_l2``: distance of every edited image to its input in the digits world's independent
-    feature space (:mod:`kldb.digits.feature_net`), from the saved 8-bit images."""
+def add_independent_measures(results: dict[str, Any], out: Path) -> None:
+    """Measures by networks the guidance does not see, from the saved 8-bit images, added to each record:
+    ``feature_l2`` (distance of every edited image to its input in the digits world's independent feature space,
+    :mod:`kldb.digits.feature_net`) and the validity oracle's top-1 class and maximum probability
+    (``kldb/digits/world/validity_classifier``, :mod:`kldb.validity`: valid = top-1 in the pair, off-manifold = top-1
+    outside it or maximum probability below 0.5)."""
     from kldb.digits.feature_net import load_feature_net
+    from kldb.loading import load_classifier
+    from kldb.validity import digits_validity_classifier_path
 
     feature_net = load_feature_net()
+    oracle = load_classifier(str(digits_validity_classifier_path()), "cpu")
 
     def features(path: Path) -> torch.Tensor:
         images = torch.from_numpy(np.load(path)["images"]).permute(0, 3, 1, 2).float() / 255
@@ -151,22 +167,28 @@ def add_feature_distances(results: dict[str, Any], out: Path) -> None:
         if (folder / f"{slug(key)}.npz").is_file():
             edited, inputs = features(folder / f"{slug(key)}.npz"), features(folder / f"input_{record['source']}.npz")
             record["feature_l2"] = (edited - inputs).norm(dim=1).tolist()
+            images = torch.from_numpy(np.load(folder / f"{slug(key)}.npz")["images"]).permute(0, 3, 1, 2).float() / 255
+            probabilities = torch.softmax(oracle(images), dim=-1)
+            record["oracle_top1"] = probabilities.argmax(dim=-1).tolist()
+            record["oracle_max_probability"] = probabilities.max(dim=-1).values.tolist()
 
 
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| source -> pair | strength | alpha | prompt | median KLDB before -> after | KLDB lowered | median pixel L2 | "
-        "median SSIM | median feature L2 | predicted in pair | class changed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "median SSIM | median feature L2 | predicted in pair | class changed | valid (oracle) | off-manifold (oracle) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in results["runs"].values():
         s = summary(record)
         ssim = f"{s['median_ssim']:.3f}" if s["median_ssim"] is not None else "-"
         feature = f"{s['median_feature_l2']:.2f}" if s["median_feature_l2"] is not None else "-"
+        valid = f"{100 * s['valid']:.0f} %" if s["valid"] is not None else "-"
+        off = f"{100 * s['off_manifold']:.0f} %" if s["off_manifold"] is not None else "-"
         lines.append(
             f"| {record['source']} -> {{{', '.join(map(str, record['classes']))}}} | {record['strength']:g} | {record['alpha']:g} | "
             f"{record['prompt']} | {s['median_kldb_start']:.3f} -> {s['median_kldb']:.3f} | {100 * s['lowered']:.0f} % | "
-            f"{s['median_pixel_l2']:.2f} | {ssim} | {feature} | {100 * s['predicted_in_pair']:.0f} % | {100 * s['flipped']:.0f} % |"
+            f"{s['median_pixel_l2']:.2f} | {ssim} | {feature} | {100 * s['predicted_in_pair']:.0f} % | {100 * s['flipped']:.0f} % | {valid} | {off} |"
         )
     return "\n".join(lines)
 
@@ -269,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.table:
         results = json.loads(Path(args.out).read_text())
-        add_feature_distances(results, Path(args.out))
+        add_independent_measures(results, Path(args.out))
         print(table(results))
         if args.plot is not None:
             plot(results, args.plot)
