@@ -220,7 +220,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.axhline(points[0]["median_kldb_start"], color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.set_xlabel("median pixel L2 to the input image")
     ax.set_ylabel("median KLDB after (nats); dashed: before")
-    ax.set_title("Real digits edited toward a boundary: strength trades distance for KLDB", fontsize=9)
+    n, alpha = results["settings"]["n"], next(iter(results["runs"].values()))["alpha"]
+    ax.set_title(
+        f"Real test digits edited toward a boundary ({n} per class, alpha {alpha:g}, class prompt)", fontsize=9
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(Path(args.out).read_text())
         add_independent_measures(results, Path(args.out))
         print(table(results))
+        summaries = {key: {**summary(record), "seconds": record["seconds"]} for key, record in results["runs"].items()}
+        atomic_write_json(Path(args.out).with_suffix(".summary.json"), summaries)
         if args.plot is not None:
             plot(results, args.plot)
         if args.grid is not None:
