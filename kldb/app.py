@@ -47,7 +47,7 @@ from kldb.demo import format_summary, write_comparison
 from kldb.errors import KLDBInputError, KLDBPathError
 from kldb.io import atomic_write_bytes, atomic_write_json, json_safe
 from kldb.loading import DTYPES
-from kldb.presets import PRESETS, QUICK_START, Preset
+from kldb.presets import PRESETS, Preset
 from kldb.render import caption_lines
 from pipeline_kldb_boundary import STEP_CONTROLS, KLDBBoundaryPipeline, class_prompt, resolve_classes
 
@@ -262,13 +262,13 @@ def generate(
     world: World,
     classes: Sequence[str] | None,
     prompt: str | None = None,
-    alpha: float = QUICK_START["alpha"],
+    alpha: float | None = None,
     beta: float | None = None,
     interval: int | None = None,
     steps: int | None = None,
     seed: int = 0,
     num_images: int = 4,
-    step_control: str = QUICK_START["kldb_step_control"],
+    step_control: str | None = None,
     session: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ExploreResult:
@@ -278,13 +278,15 @@ def generate(
         world: the loaded world.
         classes: the class subset C by label name.
         prompt: the prompt; empty or ``None`` is the class names joined with " and ".
-        alpha: KLDB guidance strength of the guided row.
+        alpha: KLDB guidance strength of the guided row (``None``: the preset's; the digits world's is the measured
+            quick-start setting, :data:`kldb.presets.QUICK_START`).
         beta: classifier-free guidance scale (``None``: the preset's).
         interval: guidance every k steps (``None``: the preset's).
         steps: k-LMS steps (``None``: the preset's).
         seed: the first seed; image ``i`` of both rows starts from seed ``seed + i``.
         num_images: images per row, at most :data:`MAX_IMAGES`.
-        step_control: ``kldb_step_control`` of the guided row (default: the digits world's measured setting).
+        step_control: ``kldb_step_control`` of the guided row (``None``: the preset's; backtracking on the digits
+            world, the paper's fixed step otherwise).
         session: the session's folder (a new one when ``None``).
         progress: called as ``progress(done, total, row)`` after every sampling step.
 
@@ -295,7 +297,8 @@ def generate(
     p = world.preset
     indices = class_indices(world, classes)
     beta = _number(p.beta if beta is None else beta, "beta")
-    alpha = _number(alpha, "alpha")
+    alpha = _number(p.alpha if alpha is None else alpha, "alpha")
+    step_control = p.kldb_step_control if step_control is None else step_control
     interval = _positive_int(p.kldb_guidance_interval if interval is None else interval, "interval")
     steps = _positive_int(p.num_inference_steps if steps is None else steps, "steps", 1000)
     num_images = _positive_int(num_images, "num_images", MAX_IMAGES)
@@ -424,7 +427,7 @@ def edit_image(
     image: PIL.Image.Image | None,
     classes: Sequence[str] | None,
     strength: float = 0.5,
-    alpha: float = QUICK_START["alpha"],
+    alpha: float | None = None,
     prompt: str | None = None,
     steps: int | None = None,
     interval: int | None = None,
@@ -444,7 +447,7 @@ def edit_image(
     strength = _number(strength, "strength")
     if not 0 < strength <= 1:
         raise KLDBInputError(f"Expected argument `strength` to be in (0, 1] but got {strength!r}.")
-    alpha = _number(alpha, "alpha")
+    alpha = _number(world.preset.alpha if alpha is None else alpha, "alpha")
     steps = _positive_int(world.preset.num_inference_steps if steps is None else steps, "steps", 1000)
     interval = _positive_int(world.preset.kldb_guidance_interval if interval is None else interval, "interval")
     size = world.pipe.unet.config.sample_size * world.pipe.vae_scale_factor
@@ -687,7 +690,7 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                         elem_id="prompt",
                     )  # fmt: skip
                     with gr.Row():
-                        alpha = gr.Number(value=QUICK_START["alpha"], label="alpha (KLDB guidance)", minimum=0)
+                        alpha = gr.Number(value=p.alpha, label="alpha (KLDB guidance)", minimum=0)
                         beta = gr.Number(value=p.beta, label="beta (classifier-free guidance)", minimum=0)
                     with gr.Row():
                         steps = gr.Number(value=p.num_inference_steps, label="steps", precision=0, minimum=1,
@@ -699,7 +702,7 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                         num_images = gr.Number(value=4, label="images per row", precision=0, minimum=1,
                                                maximum=MAX_IMAGES, elem_id="num-images")  # fmt: skip
                     step_control = gr.Dropdown(
-                        choices=list(STEP_CONTROLS), value=QUICK_START["kldb_step_control"],
+                        choices=list(STEP_CONTROLS), value=p.kldb_step_control,
                         label="step control (fixed: the paper's step)",
                     )  # fmt: skip
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -756,7 +759,7 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                         edit_classes = gr.Dropdown(choices=world.labels, value=world.default_classes,
                                                    multiselect=True, label="Classes")  # fmt: skip
                         strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="strength (how much is redrawn)")
-                        edit_alpha = gr.Number(value=QUICK_START["alpha"], label="alpha", minimum=0)
+                        edit_alpha = gr.Number(value=p.alpha, label="alpha", minimum=0)
                         edit_seed = gr.Number(value=0, label="seed", precision=0, minimum=0)
                         edit_run = gr.Button("Push to the boundary", variant="primary", elem_id="edit")
                     with gr.Column(scale=2), gr.Row():

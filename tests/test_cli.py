@@ -31,7 +31,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_option_of_every_command_has_help():
     commands = subparsers()
-    assert set(commands) == {"generate", "sweep", "report", "compare", "validity", "demo", "export", "publish", "publish-run", "map"}
+    assert set(commands) == {"generate", "sweep", "report", "compare", "validity", "demo", "export", "publish", "publish-run", "map", "app"}
     for name, parser in commands.items():
         for action in parser._actions:
             assert action.help and len(action.help) > 10, f"`kldb {name} {action.option_strings}` has no help"
@@ -310,7 +310,7 @@ def test_report_compare_demo_refuse_an_out_that_is_a_file(tmp_path, capsys):
 # A plain install: each command works without the extras or names the extra it needs
 # ----------------------------------------------------------------------------------------------------------------------
 
-EXTRA_MODULES = ("accelerate", "matplotlib", "torchmetrics", "sklearn")
+EXTRA_MODULES = ("accelerate", "matplotlib", "torchmetrics", "sklearn", "gradio")
 
 
 def hide_modules(monkeypatch, *names: str) -> None:
