@@ -31,7 +31,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_option_of_every_command_has_help():
     commands = subparsers()
-    assert set(commands) == {"generate", "sweep", "report", "compare", "validity", "demo", "export", "publish", "publish-run", "map", "app"}
+    assert set(commands) == {"generate", "sweep", "report", "compare", "validity", "demo", "export", "publish", "publish-run", "map", "app", "edit"}
     for name, parser in commands.items():
         for action in parser._actions:
             assert action.help and len(action.help) > 10, f"`kldb {name} {action.option_strings}` has no help"
