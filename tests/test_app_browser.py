@@ -46,7 +46,7 @@ def require_browser() -> None:
     if not Path(CHROMIUM).is_file():
         problems.append(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     if problems:
-        reason = "the browser test needs " + " and ".join(problems)
+        reason = "the browser test cannot run: " + "; ".join(problems)
         if IN_CI:
             pytest.fail(reason + "; in CI it must run")
         pytest.skip(reason)
@@ -96,6 +96,7 @@ def app_url(tmp_path_factory):
 def test_generate_in_the_browser_matches_the_records_and_errors_are_messages(app_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=30_000)  # each page update; a busy CI machine answers slower than Playwright's 5 s
     started = time.monotonic()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)
