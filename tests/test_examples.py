@@ -125,7 +125,7 @@ def test_notebook_runs_top_to_bottom_in_tiny_form(notebook, tmp_path, monkeypatc
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if o.output_type == "display_data" and {"image/png", "image/jpeg"} & set(o.data)]
-    assert len(images) == (2 if notebook.stem == "quickstart_digits" else 1)  # the grids are shown inline
+    assert len(images) == (3 if notebook.stem == "quickstart_digits" else 1)  # the grids are shown inline
     if notebook.stem == "paper_experiment_gpu":
         tables = [o for o in outputs if o.output_type == "display_data" and "text/markdown" in o.data]
         assert tables and "| beta | alpha | median KLDB |" in tables[0].data["text/markdown"]
