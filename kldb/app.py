@@ -725,14 +725,16 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
 
             classes.change(lambda names: prompt_for(world, names), inputs=classes, outputs=prompt, queue=False)
 
-            def on_generate(names, text, a, b, k, t, s, n, control, folder, progress=gr.Progress()):  # noqa: B008
-                folder = folder or new_session_dir()
+            def on_generate(names, text, a, b, k, t, s, n, control, session_dir, progress=gr.Progress()):  # noqa: B008
+                folder = session_dir or new_session_dir()
                 try:
                     result = generate(
                         world, names, text, a, b, k, t, s, n, control, session=folder,
                         progress=lambda done, total, row: progress((done, total), desc=row.replace("_", "-"), unit="steps"),
                     )  # fmt: skip
                 except USER_ERRORS as error:
+                    if not session_dir:  # the session keeps no folder yet: drop the one made for this call
+                        remove_session_dir(folder)
                     raise _gradio_error(error) from None
                 return (
                     result.galleries["prompt_only"],
@@ -755,7 +757,7 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
             with gr.Tab("From an image"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        upload = gr.Image(type="pil", label="Image", elem_id="edit-image")
+                        upload = gr.Image(type="pil", label="Image", height=256, elem_id="edit-image")
                         edit_classes = gr.Dropdown(choices=world.labels, value=world.default_classes,
                                                    multiselect=True, label="Classes")  # fmt: skip
                         strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="strength (how much is redrawn)")
@@ -763,8 +765,8 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                         edit_seed = gr.Number(value=0, label="seed", precision=0, minimum=0)
                         edit_run = gr.Button("Push to the boundary", variant="primary", elem_id="edit")
                     with gr.Column(scale=2), gr.Row():
-                        before = gr.Image(label="Before", interactive=False, elem_id="edit-before")
-                        after = gr.Image(label="After", interactive=False, elem_id="edit-after")
+                        before = gr.Image(label="Before", interactive=False, height=256, elem_id="edit-before")
+                        after = gr.Image(label="After", interactive=False, height=256, elem_id="edit-after")
                 edit_scores = gr.Markdown(elem_id="edit-scores")
 
                 def on_edit(image, names, s, a, sd, progress=gr.Progress()):  # noqa: B008
@@ -801,8 +803,12 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                                                 label="Classes", elem_id="sweep-classes")  # fmt: skip
                     alphas = gr.Textbox(value="0, 0.1, 0.2", label="alphas", elem_id="alphas")
                     betas = gr.Textbox(value=f"{p.beta:g}", label="betas", elem_id="betas")
-                    sweep_seeds = gr.Number(value=4, label="seeds per setting", precision=0, minimum=1)
-                    sweep_steps = gr.Number(value=p.num_inference_steps, label="steps", precision=0, minimum=1)
+                    sweep_seeds = gr.Number(
+                        value=4, label="seeds per setting", precision=0, minimum=1, elem_id="sweep-seeds"
+                    )
+                    sweep_steps = gr.Number(
+                        value=p.num_inference_steps, label="steps", precision=0, minimum=1, elem_id="sweep-steps"
+                    )
                     start = gr.Button("Start sweep", variant="primary", elem_id="start-sweep")
                     run_dir = gr.Textbox(label="Run folder", placeholder="a folder written by kldb sweep",
                                          elem_id="run-dir")  # fmt: skip
@@ -810,14 +816,16 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
                 with gr.Column(scale=2):
                     status = gr.Markdown("No sweep started in this session.", elem_id="sweep-status")
                     table = gr.Markdown(elem_id="table1")
-                    plots = gr.Gallery(label="Report plots", columns=3, elem_id="report-plots")
+                    plots = gr.Gallery(label="Report plots", columns=3, object_fit="contain", elem_id="report-plots")
             timer = gr.Timer(2.0, active=False)
 
-            def on_start(names, a, b, n, t, folder):
-                folder = folder or new_session_dir()
+            def on_start(names, a, b, n, t, session_dir):
+                folder = session_dir or new_session_dir()
                 try:
                     started = start_sweep(world, names, a, b, n, t, session=folder)
                 except USER_ERRORS as error:
+                    if not session_dir:
+                        remove_session_dir(folder)
                     raise _gradio_error(error) from None
                 line, _ = sweep_status(started)
                 return started, line, str(started.run_dir), gr.Timer(active=True), folder
@@ -856,7 +864,9 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
 #: Small images drawn with sharp pixels (a 32 x 32 digit is shown much larger than it is); captions wrap instead of
 #: being cut; the galleries take the height of their images.
 CSS = (
-    "#gallery-prompt-only img, #gallery-guided img, #edit-before img, #edit-after img { image-rendering: pixelated; }\n"
+    "#gallery-prompt-only img, #gallery-guided img { image-rendering: pixelated; }\n"
+    ":is(#edit-image, #edit-before, #edit-after) img { width: 100%; height: 100%; object-fit: contain;"
+    " image-rendering: pixelated; }\n"
     ":is(#gallery-prompt-only, #gallery-guided) .thumbnail-item { aspect-ratio: auto; height: auto; }\n"
     ":is(#gallery-prompt-only, #gallery-guided) .thumbnail-lg > img { aspect-ratio: 1 / 1; height: auto; }\n"
     ":is(#gallery-prompt-only, #gallery-guided) .caption-label { position: static; white-space: normal; max-width: 100%;"

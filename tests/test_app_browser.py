@@ -164,3 +164,50 @@ def test_generate_in_the_browser_matches_the_records_and_errors_are_messages(app
         finally:
             browser.close()
     print(f"browser test: {time.monotonic() - started:.1f} s after the app answered")
+
+
+def test_audit_and_image_tabs_in_the_browser(app_url, tmp_path):
+    """The Audit tab runs a 2-image sweep in the background, shows its progress, then Table 1 and the plots; the image
+    tab pushes an uploaded image and shows it before and after."""
+    import PIL.Image
+    import PIL.ImageDraw
+    from playwright.sync_api import expect, sync_playwright
+
+    from kldb.runfolder import read_manifest
+
+    expect.set_options(timeout=30_000)
+    image = PIL.Image.new("RGB", (32, 32), "black")
+    PIL.ImageDraw.Draw(image).text((12, 10), "3", fill="white")
+    image.save(tmp_path / "three.png")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app_url)
+            page.get_by_role("tab", name="Audit").click()
+            page.locator("#alphas textarea").fill("0, 0.2")
+            page.locator("#sweep-seeds input").fill("1")
+            page.locator("#sweep-steps input").fill(str(STEPS))
+            page.locator("#sweep-steps input").press("Tab")
+            page.locator("#start-sweep").click()
+            expect(page.locator("#sweep-status")).to_contain_text("of 2 images")
+            expect(page.locator("#sweep-status")).to_contain_text("Sweep done", timeout=GENERATE_TIMEOUT * 1000)
+            run = Path(page.locator("#run-dir textarea").input_value())
+            records = read_manifest(run)
+            assert sorted(r.alpha for r in records) == [0.0, 0.2] and {r.num_inference_steps for r in records} == {
+                STEPS
+            }
+            expect(page.locator("#table1")).to_contain_text("Table 1")
+            expect(page.locator("#report-plots img")).to_have_count(3)
+            page.screenshot(path=str(tmp_path / "app_audit.png"), full_page=True)
+
+            page.get_by_role("tab", name="From an image").click()
+            page.locator("#edit-image input[type=file]").set_input_files(str(tmp_path / "three.png"))
+            page.locator("#edit").click()
+            expect(page.locator("#edit-after img")).to_have_count(1, timeout=GENERATE_TIMEOUT * 1000)
+            expect(page.locator("#edit-before img")).to_have_count(1)
+            expect(page.locator("#edit-scores")).to_contain_text("Before: KLDB = ")
+            expect(page.locator("#edit-scores")).to_contain_text("After: KLDB = ")
+            page.screenshot(path=str(tmp_path / "app_image.png"), full_page=True)
+        finally:
+            browser.close()
