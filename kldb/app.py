@@ -180,9 +180,19 @@ def load_world(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def new_session_dir() -> str:
-    """A fresh folder for one browser session's files (under the system's temporary folder)."""
-    return tempfile.mkdtemp(prefix="kldb-app-")
+def new_session_dir(root: str | os.PathLike[str] | None = None) -> str:
+    """A fresh folder for one browser session's files, in ``root`` (the app's folder, see :func:`app_folder`) or else
+    in the system's temporary folder."""
+    return tempfile.mkdtemp(prefix="kldb-app-", dir=root)
+
+
+def app_folder() -> str:
+    """A folder for the sessions of one app process, removed when the process exits (also after Ctrl+C)."""
+    import atexit
+
+    root = tempfile.mkdtemp(prefix="kldb-app-server-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 def remove_session_dir(session: Any) -> None:
@@ -663,9 +673,15 @@ def _gradio_error(error: Exception) -> Exception:
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 
 
-def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
-    """The Gradio ``Blocks`` of the app over ``world``, queued with at most ``max_queue`` waiting requests."""
+def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE, root: str | os.PathLike[str] | None = None) -> Any:
+    """The Gradio ``Blocks`` of the app over ``world``, queued with at most ``max_queue`` waiting requests.
+
+    Each browser session's files go to a folder of its own in ``root`` (default: a new :func:`app_folder`); a session's
+    folder is removed when the session ends, and ``root`` when the process exits.
+    """
     import gradio as gr
+
+    root = app_folder() if root is None else root
 
     p = world.preset
     with gr.Blocks(title="KLDB boundary explorer", analytics_enabled=False) as demo:
@@ -726,7 +742,7 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
             classes.change(lambda names: prompt_for(world, names), inputs=classes, outputs=prompt, queue=False)
 
             def on_generate(names, text, a, b, k, t, s, n, control, session_dir, progress=gr.Progress()):  # noqa: B008
-                folder = session_dir or new_session_dir()
+                folder = session_dir or new_session_dir(root)
                 try:
                     result = generate(
                         world, names, text, a, b, k, t, s, n, control, session=folder,
@@ -820,7 +836,7 @@ def build_app(world: World, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
             timer = gr.Timer(2.0, active=False)
 
             def on_start(names, a, b, n, t, session_dir):
-                folder = session_dir or new_session_dir()
+                folder = session_dir or new_session_dir(root)
                 try:
                     started = start_sweep(world, names, a, b, n, t, session=folder)
                 except USER_ERRORS as error:
@@ -923,8 +939,10 @@ def run_app_command(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise KLDBInputError(f"Expected argument `--port` to be a port number in [1, 65535] but got {args.port}.")
     world = load_world(args.pipeline, args.classifier, device=args.device, dtype=args.dtype, tiny=args.tiny)
-    demo = build_app(world, max_queue=args.max_queue)
+    root = app_folder()
+    demo = build_app(world, max_queue=args.max_queue, root=root)
     print(f"Serving the KLDB app on {world.description} at http://{args.host}:{args.port} (Ctrl+C stops it).")
+    print(f"Session files under {root} (removed on exit).")
     launch(demo, args.host, args.port, quiet=True)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -415,5 +416,9 @@ def test_the_exported_space_starts_with_python_app_py(tmp_path):
         labels = {c.get("props", {}).get("label") for c in config["components"]}
         assert {"Prompt only (alpha = 0)", "KLDB-guided"} <= labels
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.send_signal(signal.SIGINT)  # Ctrl+C
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -89,8 +90,15 @@ def app_url(tmp_path_factory):
                 time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.send_signal(signal.SIGINT)  # Ctrl+C, as a user stops it
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+    # the sessions' files go with the process
+    root = re.search(r"Session files under (\S+) \(removed on exit\)", log.read_text())
+    assert root is not None and not Path(root[1]).exists(), log.read_text()
 
 
 def test_generate_in_the_browser_matches_the_records_and_errors_are_messages(app_url, tmp_path):
