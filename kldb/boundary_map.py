@@ -300,7 +300,9 @@ def map_config(
         step_control: the pipeline's ``kldb_step_control`` for the guided settings (``"fixed"``: the paper's step);
             ``None`` is :func:`default_step_control`, the quick start's backtracking.
         **fields: any other :class:`~kldb.sweep.SweepConfig` field (``pipeline``, ``classifier``,
-            ``num_inference_steps``, ``batch_size``, ``device``, ...). ``batch_size`` defaults to the digits preset's
+            ``num_inference_steps``, ``batch_size``, ``device``, ...). With ``init_images`` (a folder of real images,
+            see :mod:`kldb.sweep`) every cell starts from every source, at one strength (``strengths`` of one value,
+            or ``None`` for the default). ``batch_size`` defaults to the digits preset's
             (16).
 
     Returns:
@@ -339,6 +341,12 @@ def map_config(
         **fields,
     )
     check_config(config)
+    if config.init_images is not None and config.strengths is not None and len(config.strengths) > 1:
+        # one map cell per class subset and alpha: its images pool the sources, at one strength
+        raise KLDBInputError(
+            f"Expected argument `strengths` to hold one strength for a map from `init_images` but got "
+            f"{config.strengths!r}: run one map per strength."
+        )
     return config
 
 

@@ -254,6 +254,21 @@ GENERATION_OPTIONS: tuple[GenerationOption, ...] = (
     ),
     GenerationOption("--seed", "first seed", preset="seed", argparse={"type": int}),
     GenerationOption(
+        "--init-images",
+        "a folder of real images to start from instead of noise (image-to-image): every image file in it (any depth, "
+        "sorted) is a source, run at every setting, strength and seed; the manifest records each source's file and "
+        "SHA-256, and the report shows before/after pairs",
+        config="init_images",
+        argparse={"metavar": "DIR"},
+    ),
+    GenerationOption(
+        "--strengths",
+        "with --init-images: img2img strengths in (0, 1], the share of the k-LMS steps run from the noised image "
+        "(default: 0.5)",
+        config="strengths",
+        argparse={"nargs": "+", "type": float, "metavar": "S"},
+    ),
+    GenerationOption(
         "--steps", "k-LMS steps T", preset="num_inference_steps", config="num_inference_steps", argparse={"type": int}
     ),
     GenerationOption(
@@ -540,7 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--reference-limit", type=int, help="at most this many reference images per class subset")
     report.add_argument(
-        "--per-setting", type=int, default=6, help="images per setting in the ambiguous-image grid (default: 6)"
+        "--per-setting",
+        type=int,
+        default=6,
+        help="images per setting in the ambiguous-image grid, and sources per setting in the before/after grid of an "
+        "--init-images run (default: 6)",
     )
     report.add_argument(
         "--bootstrap-resamples",

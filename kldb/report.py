@@ -16,6 +16,17 @@ Per setting (one class subset C, one alpha, one beta), over its images (:func:`s
 - FID against real images of the audited classes, on the audited classifier's penultimate features (default) or
   InceptionV3 (see :mod:`kldb.metrics`).
 
+A run made from a folder of real images (``init_images``, :mod:`kldb.sweep`) has one setting per class subset, alpha,
+beta and strength, pooling its sources. Its rows add :data:`IMAGE_TO_IMAGE_FIELDS`: the ``strength``, ``n_sources``,
+the median KLDB of the sources themselves (``median_kldb_start``) beside the results' ``median_kldb``, and the
+results' median ``pixel_l2`` and ``ssim`` to their sources. Its prompt-only baseline is alpha = 0 at the same class
+subset, beta *and strength*, paired by (source, seed); Table 1 has one row per class subset, beta and strength.
+``report.md`` then has a "Before and after" section: those medians per setting, and ``before_after.png`` (written with
+``before_after.json``, the pairs it shows): per setting, up to ``per_setting`` sources in source order, each beside its
+result at the lowest seed, with the classifier's probabilities for C before and after. The sources are read from the
+``init_images`` folder ``sweep.json`` recorded; a source missing there or whose SHA-256 differs from the manifest's is
+left out with a warning (and said on the page).
+
 :func:`write_report` writes, into ``<run>/report`` by default:
 
 - ``table1.md``, ``table1.csv``, ``table1.json``: for each class subset and beta, alpha = 0 (prompt-only) against the
@@ -117,6 +128,8 @@ INTERVAL_KEYS = {
 QUALITY_MEASURES = ("fid", "kid_mean", "kid_std", "precision", "recall")
 #: Validity shares per setting (:mod:`kldb.validity`), merged into the setting rows.
 VALIDITY_KEYS = ("valid_share", "off_manifold_share")
+#: Keys of the setting rows of an image-to-image run (``init_images``): see the module docstring.
+IMAGE_TO_IMAGE_FIELDS = ("strength", "n_sources", "median_kldb_start", "median_pixel_l2", "median_ssim")
 #: Table 1 also names the best alpha among the guided settings with at least this valid share.
 MIN_VALID_SHARE = 0.9
 SETTING_FIELDS = (
@@ -207,11 +220,11 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ``relative_kldb_change_valid`` and ``valid_share_valid`` (``None`` when no guided alpha is that valid).
     """
     extra = _extra_keys(rows)
-    groups: dict[tuple[tuple[str, ...], float], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((tuple(row["classes"]), float(row["beta"])), []).append(row)
+    groups: dict[tuple[tuple[str, ...], float, float | None], list[dict[str, Any]]] = {}
+    for row in rows:  # an image-to-image run: one row per strength too
+        groups.setdefault((tuple(row["classes"]), float(row["beta"]), row.get("strength")), []).append(row)
     table = []
-    for (classes, beta), group in groups.items():
+    for (classes, beta, strength), group in groups.items():
         baseline = next((r for r in group if r["alpha"] == 0.0), None)
         guided = sorted((r for r in group if r["alpha"] > 0.0), key=lambda r: (r["median_kldb"], r["alpha"]))
         best = guided[0] if guided else None
@@ -258,6 +271,8 @@ def table1(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n_paired": field(paired, "n_paired"),
             }
         )
+        if strength is not None:
+            table[-1]["strength"] = strength
         for key in extra:
             table[-1][f"{key}_baseline"] = field(baseline, key)
             table[-1][f"{key}_best"] = field(best, key)
@@ -325,6 +340,8 @@ def table1_markdown(table: Sequence[dict[str, Any]], bootstrap: dict[str, Any] |
     ]
     for row in table:
         classes = " / ".join(row["classes"])
+        if row.get("strength") is not None:  # an image-to-image run
+            classes += f" (strength {row['strength']:g})"
 
         def cell(name: str, row: dict[str, Any] = row) -> str:
             return _with_interval(row[name], row.get(f"{name}_low"), row.get(f"{name}_high"))
@@ -394,7 +411,8 @@ def setting_metrics(
     )
     options = {k: options[k] for k in ("resamples", "seed", "confidence", "method")}
     rows = []
-    by_seed: dict[str, dict[str, dict[int, float]]] = {}  # setting -> "kldb" / "entropy" -> seed -> value
+    # setting -> "kldb" / "entropy" -> seed (image-to-image: (source, seed)) -> value
+    by_seed: dict[str, dict[str, dict[Any, float]]] = {}
     for setting, group in iter_settings(records).items():
         first = group[0]
         scored = [r for r in group if r.kldb is not None and r.entropy is not None]
@@ -411,8 +429,8 @@ def setting_metrics(
         kldb_low, kldb_high = median_interval([r.kldb for r in scored], **options)
         entropy_low, entropy_high = median_interval([r.entropy for r in scored], **options)
         by_seed[setting] = {
-            "kldb": {r.seed: r.kldb for r in scored},
-            "entropy": {r.seed: r.entropy for r in scored},
+            "kldb": {_pair_key(r): r.kldb for r in scored},
+            "entropy": {_pair_key(r): r.entropy for r in scored},
         }
         margins = [m for m in (class_margin(r.class_probabilities) for r in scored) if m is not None]
         predicted: dict[str, int] = {}
@@ -452,9 +470,12 @@ def setting_metrics(
                 "predicted": dict(sorted(predicted.items(), key=lambda item: -item[1])),
             }
         )
-    prompt_only = {(tuple(r["class_indices"]), r["beta"]): r for r in rows if r["alpha"] == 0.0}
+        if first.source_file is not None:
+            rows[-1].update(_image_to_image_metrics(group))
+    prompt_only = {(tuple(r["class_indices"]), r["beta"], r.get("strength")): r for r in rows if r["alpha"] == 0.0}
     for row in rows:
-        baseline = prompt_only.get((tuple(row["class_indices"]), row["beta"])) if row["alpha"] > 0.0 else None
+        cell = (tuple(row["class_indices"]), row["beta"], row.get("strength"))
+        baseline = prompt_only.get(cell) if row["alpha"] > 0.0 else None
         row["n_paired"] = None
         for name in ("kldb", "entropy"):
             change = low = high = None
@@ -468,6 +489,28 @@ def setting_metrics(
             row[f"relative_{name}_change_low"] = low
             row[f"relative_{name}_change_high"] = high
     return rows
+
+
+def _pair_key(record: ImageRecord) -> Any:
+    """What pairs a guided image with its prompt-only image: the seed, and for image-to-image also the source."""
+    return record.seed if record.source_file is None else (record.source_file, record.seed)
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return float(np.median(kept)) if kept else None
+
+
+def _image_to_image_metrics(group: Sequence[ImageRecord]) -> dict[str, Any]:
+    """The :data:`IMAGE_TO_IMAGE_FIELDS` of one image-to-image setting (medians over its images; each image counts
+    its source's KLDB once, so a source weighs by its seeds in both medians)."""
+    return {
+        "strength": float(group[0].strength),
+        "n_sources": len({r.source_file for r in group}),
+        "median_kldb_start": _median([r.kldb_start for r in group]),
+        "median_pixel_l2": _median([r.pixel_l2 for r in group]),
+        "median_ssim": _median([r.ssim for r in group]),
+    }
 
 
 def reference_images(
@@ -892,13 +935,18 @@ def write_report(
     valid_fields = ["alpha_valid", "median_kldb_valid", "relative_kldb_change_valid", "valid_share_valid"]
     table_fields = [*TABLE_FIELDS, *(f"{k}_{w}" for k in extra for w in ("baseline", "best"))]
     table_fields += valid_fields if validity_result is not None else []
+    from_images = any(r.get("strength") is not None for r in rows)  # an image-to-image run
+    table_fields += ["strength"] if from_images else []
     files = {
         "table1.md": atomic_write_text(out / "table1.md", table1_markdown(table, bootstrap)),
         "table1.csv": atomic_write_text(out / "table1.csv", to_csv(table, table_fields)),
         "table1.json": atomic_write_json(
             out / "table1.json", {"fid_feature": metrics.get("fid_feature"), "bootstrap": bootstrap, "rows": table}
         ),
-        "settings.csv": atomic_write_text(out / "settings.csv", to_csv(rows, [*SETTING_FIELDS, *extra])),
+        "settings.csv": atomic_write_text(
+            out / "settings.csv",
+            to_csv(rows, [*SETTING_FIELDS, *(IMAGE_TO_IMAGE_FIELDS if from_images else ()), *extra]),
+        ),
         "metrics.json": atomic_write_json(out / "metrics.json", metrics),
         "kldb_distribution.png": atomic_write_bytes(out / "kldb_distribution.png", plot_kldb_distribution(records)),
         "median_kldb_vs_alpha.png": atomic_write_bytes(
@@ -974,6 +1022,14 @@ def write_report(
     page += ["", bootstrap_note(bootstrap) + " CI: confidence interval; IQR: interquartile range of the images."]
     if pilots:
         page += ["", auto_pilots_markdown(pilots)]
+    if from_images:
+        pairs, missing = before_after_pairs(run, records, per_setting)
+        files["before_after.png"] = atomic_write_bytes(out / "before_after.png", before_after_grid(run, pairs))
+        files["before_after.json"] = atomic_write_json(
+            out / "before_after.json",
+            [{k: v for k, v in p.items() if k not in ("source_path", "record")} for p in pairs],
+        )
+        page += ["", before_after_markdown(rows, info, missing)]
     page += [
         "",
         "![KLDB distribution](kldb_distribution.png)",
@@ -993,6 +1049,111 @@ def write_report(
         "validity": validity_result,
         "files": {k: str(v) for k, v in files.items()},
     }
+
+
+def before_after_pairs(
+    run: str | os.PathLike[str], records: Sequence[ImageRecord], per_setting: int = 6
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The (source, result) pairs the report shows: per setting, its first ``per_setting`` sources in source order,
+    each with its result at the lowest seed.
+
+    Sources are read from the ``init_images`` folder of the run's ``sweep.json``; one that is missing there or whose
+    SHA-256 differs from the manifest's is left out (with a warning).
+
+    Returns:
+        ``(pairs, missing)``: each pair ``{"setting", "source_file", "source_sha256", "seed", "file", "source_path",
+        "record"}`` (``file`` relative to the run folder, ``record`` the result's :class:`ImageRecord`), and the source
+        files left out.
+    """
+    import hashlib
+
+    folder = (run_info(run).get("last_config") or {}).get("init_images")
+    pairs, missing, checked = [], [], {}
+    for setting, group in iter_settings(records).items():
+        first: dict[str, ImageRecord] = {}
+        for r in sorted(group, key=lambda r: (r.source_file, r.seed)):
+            first.setdefault(r.source_file, r)
+        shown = 0
+        for name in sorted(first):
+            if shown == per_setting:
+                break
+            r = first[name]
+            path = Path(folder) / name if folder is not None else None
+            if name not in checked:
+                checked[name] = (
+                    path is not None
+                    and path.is_file()
+                    and hashlib.sha256(path.read_bytes()).hexdigest() == r.source_sha256
+                )
+                if not checked[name]:
+                    logger.warning("Source %r is missing from %r or changed: left out of the before/after grid.", name,
+                                   folder)  # fmt: skip
+                    missing.append(name)
+            if not checked[name]:
+                continue
+            pairs.append({"setting": setting, "source_file": name, "source_sha256": r.source_sha256, "seed": r.seed,
+                          "file": r.file, "source_path": str(path), "record": r})  # fmt: skip
+            shown += 1
+    return pairs, missing
+
+
+def before_after_grid(run: str | os.PathLike[str], pairs: Sequence[dict[str, Any]]) -> bytes:
+    """A captioned grid (PNG bytes): one row per setting, each pair as the source then its result, captioned with
+    KLDB, the probabilities of C and the predicted class, before (the source) and after (the result)."""
+    import PIL.Image
+
+    from kldb.render import captioned_grid, labelled
+
+    out = Path(run)
+    rows: dict[str, tuple[list[PIL.Image.Image], list[list[str]]]] = {}
+    for pair in pairs:
+        r: ImageRecord = pair["record"]
+        images, captions = rows.setdefault(pair["setting"], ([], []))
+        for when, path, kldb, probabilities, predicted in (
+            ("before", pair["source_path"], r.kldb_start, r.class_probabilities_start, r.predicted_label_start),
+            ("after", out / r.file, r.kldb, r.class_probabilities, r.predicted_label),
+        ):
+            with PIL.Image.open(path) as image:
+                images.append(image.convert("RGB"))
+            lines = [f"{when}: {Path(r.source_file).name}"[:18]]
+            lines.append(labelled("KLDB", kldb, 3) if kldb is not None else "KLDB = n/a")
+            lines += [labelled(n, p, 2) for n, p in zip(r.classes, probabilities or []) if p is not None]
+            lines.append(f"top: {predicted}")
+            if when == "after":
+                lines.append(labelled("L2", r.pixel_l2, 2) if r.pixel_l2 is not None else f"seed = {r.seed}")
+            captions.append(lines)
+    grid = [(setting, images, captions) for setting, (images, captions) in rows.items()]
+    buffer = io.BytesIO()
+    captioned_grid(grid or [("no source could be read", [], [])]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def before_after_markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any], missing: Sequence[str]) -> str:
+    """The report's "Before and after" section of an image-to-image run: per setting, the sources' median KLDB
+    against the results', and the results' median distance to their sources; then the grid."""
+    folder = (info.get("last_config") or {}).get("init_images")
+    lines = [
+        "## Before and after: from real images",
+        "",
+        f"Every image started from a source image of `{folder}`, noised to its strength (the last "
+        "int(steps x strength) k-LMS steps run). Before: the source's own KLDB; after: the result's. Pixel L2: over "
+        "pixel values in [0, 1]; SSIM: torchmetrics'.",
+        "",
+        "| setting | sources | n | median KLDB before → after | median pixel L2 | median SSIM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("strength") is None:
+            continue
+        lines.append(
+            f"| {r['setting']} | {r['n_sources']} | {r['n']} | {_number(r['median_kldb_start'])} → "
+            f"{_number(r['median_kldb'])} | {_number(r['median_pixel_l2'], 3)} | {_number(r['median_ssim'], 3)} |"
+        )
+    lines += ["", "![Before and after: each source beside its result](before_after.png)"]
+    if missing:
+        lines += ["", f"Left out of the grid (missing from `{folder}` or changed since the run): "
+                  + ", ".join(f"`{m}`" for m in missing) + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _report_quality(run: Path, quality: bool | dict[str, Any], metric_kwargs: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,8 +8,16 @@ Layout::
     manifest.jsonl                   all lines, merged by the main process at the end of a run
     auto/<setting>.json              for an alpha "auto" setting: its pilot (alpha chosen, grid, seeds, seconds)
 
+A run started from a folder of real images (``init_images``, image-to-image: :mod:`kldb.sweep`) puts each source's
+images in a folder of their own, ``images/<setting>/<source>/seed000028.png``, where ``<source>`` is the source's
+relative path made file-system safe plus the first 8 hex digits of the SHA-256 of that relative path (so
+``a b.png`` and ``a-b.png`` never share a folder). Its setting names end in ``_strength<s>`` and its keys add
+(strength, source file); a text-to-image run's names, keys and paths are exactly those of earlier versions.
+
 Each manifest line is one :class:`ImageRecord`. Lines written by older versions, without the fields added since
-(``kldb_guidance_decoder``, ``process_index``), still load; fields this version does not know are kept.
+(``kldb_guidance_decoder``, ``process_index``), still load; fields this version does not know are kept. The fields of
+an image-to-image run (:data:`WRITTEN_WHEN_SET`: ``source_file``, ``source_sha256``, ``strength``, ``kldb_start``, ...)
+are written only when set, so a text-to-image line is written back byte for byte.
 
 Guarantees:
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -49,8 +58,12 @@ PART_PATTERN = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 TEMP_PATTERN = re.compile(r"^\..+\.tmp$")
 
 #: The identity of an image in a run: (class indices, alpha, beta, seed); alpha is ``"auto"`` for the images of an
-#: ``alphas=["auto"]`` setting, whose alpha a pilot chose per class subset and beta.
-RecordKey = tuple[tuple[int, ...], float | str, float, int]
+#: ``alphas=["auto"]`` setting, whose alpha a pilot chose per class subset and beta. An image-to-image image (one made
+#: from a source file of ``init_images``) adds (strength, source file): ``(classes, alpha, beta, seed, strength,
+#: source_file)``.
+RecordKey = (
+    tuple[tuple[int, ...], float | str, float, int] | tuple[tuple[int, ...], float | str, float, int, float, str]
+)
 #: The alpha of a setting whose alpha is chosen by a pilot (``kldb_guidance_scale="auto"``) per class subset and beta.
 AUTO = "auto"
 
@@ -66,27 +79,36 @@ class SweepDiskFullError(OSError):
 
 def record_key(line: Mapping[str, Any]) -> RecordKey:
     """The identity of a manifest line as read from JSON: (class indices, alpha, beta, seed); alpha is ``"auto"`` for a
-    line with ``alpha_mode: "auto"`` (its ``alpha`` is the one the pilot chose)."""
-    return (
+    line with ``alpha_mode: "auto"`` (its ``alpha`` is the one the pilot chose). A line with a ``source_file`` (an
+    image-to-image run) adds (strength, source file)."""
+    key = (
         tuple(int(c) for c in line["class_indices"]),
         AUTO if line.get("alpha_mode") == AUTO else float(line["alpha"]),
         float(line["beta"]),
         int(line["seed"]),
     )
+    if line.get("source_file") is not None:
+        return (*key, float(line["strength"]), str(line["source_file"]))
+    return key
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One cell of a sweep's grid: a class subset (indices into the classifier's output and their names), alpha, beta.
+    """One cell of a sweep's grid: a class subset (indices into the classifier's output and their names), alpha, beta;
+    for an image-to-image run also a strength and a source file.
 
     ``alpha`` is a number, or ``"auto"``: a pilot chooses it for the class subset and beta before the setting's images
-    are made (:mod:`kldb.sweep`).
+    are made (:mod:`kldb.sweep`). ``source`` is the source image's path relative to ``init_images`` (POSIX form);
+    ``strength`` and ``source`` are both set or both ``None`` (text-to-image). The :attr:`name` leaves the source out:
+    the images of every source at one (classes, alpha, beta, strength) form one setting of the report.
     """
 
     classes: tuple[int, ...]
     class_names: tuple[str, ...]
     alpha: float | str
     beta: float
+    strength: float | None = None
+    source: str | None = None
 
     @property
     def is_auto(self) -> bool:
@@ -105,16 +127,32 @@ class Setting:
             re.sub(r"[^A-Za-z0-9._-]+", "-", n).strip("-") or str(i) for n, i in zip(self.class_names, self.classes)
         )
         alpha = AUTO if self.is_auto else repr(self.alpha)
-        return f"{names}_alpha{alpha}_beta{self.beta!r}"
+        name = f"{names}_alpha{alpha}_beta{self.beta!r}"
+        return name if self.strength is None else f"{name}_strength{self.strength!r}"
+
+    @property
+    def folder(self) -> str:
+        """The folder of this cell's images under ``images/``: the name, plus the source's folder (:func:`source_folder`)
+        for an image-to-image cell."""
+        return self.name if self.source is None else f"{self.name}/{source_folder(self.source)}"
 
     def key(self, seed: int) -> RecordKey:
         alpha = AUTO if self.is_auto else float(self.alpha)
-        return (tuple(int(c) for c in self.classes), alpha, float(self.beta), int(seed))
+        key = (tuple(int(c) for c in self.classes), alpha, float(self.beta), int(seed))
+        return key if self.source is None else (*key, float(self.strength), self.source)
+
+
+def source_folder(source: str) -> str:
+    """The file-system safe folder of a source image's results: its relative path without the suffix, characters
+    other than letters, digits, ``.``, ``_`` and ``-`` as ``-``, then ``-`` and the first 8 hex digits of the SHA-256
+    of the relative path (``"cats/a b.png"`` -> ``"cats-a-b-<8 hex>"``)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", str(Path(source).with_suffix(""))).strip("-.") or "source"
+    return f"{stem}-{hashlib.sha256(source.encode('utf-8')).hexdigest()[:8]}"
 
 
 def image_relpath(setting: Setting, seed: int) -> str:
     """Where the image of ``setting`` and ``seed`` lies in its run folder."""
-    return f"{IMAGES_DIR}/{setting.name}/seed{seed:06d}.png"
+    return f"{IMAGES_DIR}/{setting.folder}/seed{seed:06d}.png"
 
 
 @dataclass(kw_only=True)
@@ -160,13 +198,25 @@ class ImageRecord:
     step_halvings: int | None = None  # step-size halvings of this image (backtracking / trust region)
     rejected_steps: int | None = None  # guided steps the step control refused for this image
     batch_seconds: float | None = None  # wall time of the pipeline call that made this image's batch
+    # image-to-image runs (``init_images``): the source image and how far the result moved from it
+    source_file: str | None = None  # the source image, relative to init_images (POSIX form)
+    source_sha256: str | None = None  # SHA-256 of the source file's bytes
+    strength: float | None = None  # share of the k-LMS schedule run from the noised source
+    kldb_start: float | None = None  # KLDB of the source image for C
+    class_probabilities_start: list[float | None] | None = None  # p_i of the source image for i in C
+    predicted_class_start: int | None = None  # the arg-max class of the source image
+    predicted_label_start: str | None = None
+    pixel_l2: float | None = None  # Euclidean distance to the source over pixel values in [0, 1]
+    ssim: float | None = None  # SSIM to the source (torchmetrics; None without it)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @property
     def key(self) -> RecordKey:
-        """(class indices, alpha, beta, seed): the identity of the image in its run."""
+        """(class indices, alpha, beta, seed), plus (strength, source file) for an image-to-image image: the identity
+        of the image in its run."""
         return record_key({"class_indices": self.class_indices, "alpha": self.alpha, "beta": self.beta,
-                           "seed": self.seed, "alpha_mode": self.alpha_mode})  # fmt: skip
+                           "seed": self.seed, "alpha_mode": self.alpha_mode, "strength": self.strength,
+                           "source_file": self.source_file})  # fmt: skip
 
     @classmethod
     def from_json(cls, line: Mapping[str, Any]) -> ImageRecord:
@@ -190,10 +240,15 @@ class ImageRecord:
         return {**line, **self.extra}
 
 
-#: Record fields added with step-size control and ``"auto"`` alphas: written only when they have a value.
+#: Record fields added with step-size control, ``"auto"`` alphas and image-to-image runs: written only when they have
+#: a value.
 WRITTEN_WHEN_SET = frozenset(
-    ("alpha_mode", "kldb_step_control", "accepted_steps", "step_halvings", "rejected_steps", "batch_seconds")
-)
+    (
+        "alpha_mode", "kldb_step_control", "accepted_steps", "step_halvings", "rejected_steps", "batch_seconds",
+        "source_file", "source_sha256", "strength", "kldb_start", "class_probabilities_start",
+        "predicted_class_start", "predicted_label_start", "pixel_l2", "ssim",
+    )
+)  # fmt: skip
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -23,6 +23,23 @@ manifest records, and the guarantees that every manifest line names a complete P
   written to ``auto/<setting>.json`` before any image of the setting; a resumed run reuses it. Each image of the
   setting records ``alpha_mode: "auto"`` and the alpha chosen; :func:`auto_pilots` sets the pilots' cost against the
   images' (the sweep report shows it).
+- Real images as the starting set (``init_images``, image-to-image): each image file of the folder (suffixes in
+  :data:`IMAGE_SUFFIXES`, searched recursively, hidden files and folders left out, sorted by their relative POSIX path)
+  is a *source*. The grid becomes ``class_subsets x betas x alphas x strengths x sources`` and every cell gets every
+  seed: the pipeline's ``image=<source>, strength=<s>`` call, the seed fixing the VAE sample and the noise
+  (:meth:`~pipeline_kldb_boundary.KLDBBoundaryPipeline.__call__`). A setting is (class subset, alpha, beta,
+  strength): its name ends in ``_strength<s>`` and it pools its sources, whose images lie in one folder per source
+  (:func:`kldb.runfolder.source_folder`). Each record adds ``source_file`` (relative to ``init_images``),
+  ``source_sha256`` (of the file's bytes), ``strength``, the source's own ``kldb_start``,
+  ``class_probabilities_start`` (for C), ``predicted_class_start`` / ``predicted_label_start``, and the result's
+  ``pixel_l2`` and ``ssim`` to its source. ``sweep.json`` records every source's hash under ``"sources"``; a resumed
+  run refuses a source whose bytes changed, naming the file, and a run folder is either text-to-image or
+  image-to-image, never both. All sources must have one size, divisible by the VAE factor (the pipeline's own check);
+  ``height`` / ``width``, when given, must be that size. The default strength is 0.5 (:data:`DEFAULT_STRENGTHS`), not
+  diffusers' img2img 0.8: an audit asks how close *this* photo is to the boundary, and on the digits world (README,
+  docs/usage.md) 0.5 gave the lowest median KLDB for 3 -> {3, 8} with the result still recognisably its photo
+  (SSIM about 0.7), while 0.8 regenerates most of the image. ``alphas="auto"`` is not available with
+  ``init_images`` (the pipeline's pilot samples from noise).
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
 
 from kldb.errors import KLDBInputError, KLDBInputTypeError
@@ -56,6 +74,7 @@ from kldb.runfolder import (
     image_relpath,
     load_records,
     merge_manifests,
+    read_jsonl,
     recover,
     stop_on_full_disk,
 )
@@ -73,7 +92,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO_DIR",
+    "DEFAULT_STRENGTHS",
     "FIXED_FIELDS",
+    "IMAGE_SUFFIXES",
     "SweepConfig",
     "SweepDiskFullError",
     "SweepResult",
@@ -83,6 +104,8 @@ __all__ = [
     "check_config",
     "check_resume",
     "run_sweep",
+    "source_hashes",
+    "source_images",
 ]
 
 TOP_K = 5  # classes recorded per image with their probabilities (at least |C|)
@@ -113,6 +136,11 @@ FIXED_FIELDS = (
     "dtype",
 )
 _DIGITS = PRESETS["digits"]  # the library's defaults are the digits preset's
+#: The strengths of an ``init_images`` run when none are given (see the module docstring for why 0.5).
+DEFAULT_STRENGTHS = (0.5,)
+#: The files of ``init_images`` that are sources (compared in lower case); other files are left out.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SOURCES_KEY = "sources"  # sweep.json: {source file: sha256} of an image-to-image run
 
 
 @dataclass
@@ -132,6 +160,11 @@ class SweepConfig:
             subset and beta (see the module docstring).
         betas: classifier-free guidance scales.
         seeds: one image per seed and setting; image ``seed`` of every setting starts from the same noise.
+        init_images: a folder of real images to start from instead of noise (image-to-image; see the module
+            docstring): every image file in it is a source, and every setting runs from every source. ``None``:
+            text-to-image.
+        strengths: with ``init_images``, the strengths to run (the share of the k-LMS schedule run from the noised
+            source, each in (0, 1]); ``None`` is :data:`DEFAULT_STRENGTHS`. Must be ``None`` without ``init_images``.
         prompt: the prompt of every image; ``None`` builds the paper's ``"<name> and <name>"`` per class subset.
         negative_prompt: the negative prompt, or ``None``.
         num_inference_steps: k-LMS steps T.
@@ -164,6 +197,8 @@ class SweepConfig:
     alphas: list[float | str] = field(default_factory=lambda: [0.0, _DIGITS.alpha])
     betas: list[float] = field(default_factory=lambda: [_DIGITS.beta])
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    init_images: str | os.PathLike[str] | None = None
+    strengths: list[float] | None = None
     prompt: str | None = None
     negative_prompt: str | None = _DIGITS.negative_prompt
     num_inference_steps: int = _DIGITS.num_inference_steps
@@ -333,6 +368,115 @@ def check_config(config: SweepConfig) -> None:
         isinstance(config.pipeline, str) and config.pipeline != "", "pipeline", "a non-empty string", config.pipeline
     )
     _expect(config.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", config.dtype)
+    _check_init_images(config)
+
+
+def _check_init_images(config: SweepConfig) -> None:
+    """The image-to-image fields: ``init_images`` a folder with at least one image file, ``strengths`` distinct numbers
+    in (0, 1] that leave the steps a (guided) call needs, no ``"auto"`` alpha; ``strengths`` only with a folder."""
+    if config.init_images is None:
+        _expect(config.strengths is None, "strengths", "None without `init_images` (a text-to-image run)",
+                config.strengths)  # fmt: skip
+        return
+    folder = config.init_images
+    _expect(isinstance(folder, (str, os.PathLike)) and Path(folder).is_dir(), "init_images", "a folder of images",
+            str(folder) if isinstance(folder, os.PathLike) else folder)  # fmt: skip
+    _expect(bool(source_images(folder)), "init_images",
+            f"a folder holding at least one image file ({', '.join(IMAGE_SUFFIXES)})", str(folder))  # fmt: skip
+    strengths = list(DEFAULT_STRENGTHS) if config.strengths is None else config.strengths
+    _expect(
+        isinstance(strengths, Sequence)
+        and not isinstance(strengths, str)
+        and len(strengths) > 0
+        and all(_is_number(s) and 0 < s <= 1 for s in strengths)
+        and len(set(strengths)) == len(strengths),
+        "strengths",
+        "a non-empty list of distinct numbers in (0, 1]",
+        strengths,
+    )
+    steps = config.num_inference_steps
+    guided = any(a == AUTO or (_is_number(a) and a > 0) for a in config.alphas)
+    need = config.kldb_guidance_interval if guided else 1  # a guided call needs a guided step among those it runs
+    short = [s for s in strengths if int(steps * s) < need]
+    _expect(
+        not short,
+        "strengths",
+        f"numbers whose int(num_inference_steps * strength) steps (num_inference_steps={steps}) reach "
+        + (f"kldb_guidance_interval={need}, the first guided step" if guided else "at least one step"),
+        short,
+    )
+    _expect(AUTO not in config.alphas, "alphas", 'numbers with `init_images` ("auto" samples its pilot from noise)',
+            config.alphas)  # fmt: skip
+
+
+def source_images(folder: str | os.PathLike[str]) -> list[str]:
+    """The sources of an ``init_images`` folder: its image files (:data:`IMAGE_SUFFIXES`, any depth, hidden files and
+    folders left out) as POSIX paths relative to ``folder``, sorted."""
+    root = Path(folder)
+    found = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if (
+            path.suffix.lower() in IMAGE_SUFFIXES
+            and path.is_file()
+            and not any(p.startswith(".") for p in relative.parts)
+        ):
+            found.append(relative.as_posix())
+    return sorted(found)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_hashes(config: SweepConfig) -> dict[str, str]:
+    """``{source file: SHA-256 of its bytes}`` of ``config.init_images`` in source order; ``{}`` without it."""
+    if config.init_images is None:
+        return {}
+    root = Path(config.init_images)
+    return {name: _file_sha256(root / name) for name in source_images(root)}
+
+
+def _load_source(config: SweepConfig, source: str) -> PIL.Image.Image:
+    """A source image as the pipeline takes it from a user: the PIL image of the file (the pipeline converts to RGB)."""
+    with PIL.Image.open(Path(config.init_images) / source) as image:
+        image.load()
+        return image.copy()
+
+
+def _check_sources(config: SweepConfig, pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
+    """One size for every source (named file by file otherwise), then the pipeline's own image checks (the VAE factor,
+    ``height`` / ``width``, each strength against the steps) on the first; returns the sources' (height, width)."""
+    root = Path(config.init_images)
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for name in source_images(root):
+        try:
+            with PIL.Image.open(root / name) as image:
+                sizes.setdefault((image.height, image.width), []).append(name)
+        except (OSError, ValueError) as error:
+            raise KLDBInputError(
+                f"Expected argument `init_images` to hold readable images but {name!r} in {str(root)!r} is not one "
+                f"({error})."
+            ) from None
+    if len(sizes) > 1:
+        found = "; ".join(f"{h}x{w}: {', '.join(repr(n) for n in names[:3])}" + (" ..." if len(names) > 3 else "")
+                          for (h, w), names in sorted(sizes.items()))  # fmt: skip
+        raise KLDBInputError(
+            f"Expected argument `init_images` to hold images of one size (height x width) but {str(root)!r} holds "
+            f"{found}. Resize or crop them first."
+        )
+    first = next(iter(sizes.values()))[0]
+    for strength in list(DEFAULT_STRENGTHS) if config.strengths is None else config.strengths:
+        try:
+            pipe.check_image_inputs(_load_source(config, first), strength, height, width, None,
+                                    config.num_inference_steps)  # fmt: skip
+        except ValueError as error:
+            raise KLDBInputError(f"`init_images` {str(root)!r} ({first!r}): {error}") from None
+    return next(iter(sizes))
 
 
 def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Setting], labels: Sequence[str]) -> None:
@@ -345,6 +489,8 @@ def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Se
     """
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = config.height or default_size, config.width or default_size
+    if config.init_images is not None:  # the sources' size, checked by the pipeline's own image checks
+        height, width = _check_sources(config, pipe, config.height, config.width)
     # a guided setting, if there is one: guidance has more to check ("auto" is checked with its largest grid alpha)
     guided = max(settings, key=lambda s: max(config.auto_grid) if s.is_auto else s.alpha)
     pipe.check_kldb_inputs(
@@ -360,7 +506,12 @@ def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Se
         num_images_per_prompt=config.batch_size,
         prompt=config.prompt,
     )
-    pipe.check_inputs(_prompt(config, guided, labels), height, width, None, negative_prompt=config.negative_prompt)
+    try:
+        pipe.check_inputs(_prompt(config, guided, labels), height, width, None, negative_prompt=config.negative_prompt)
+    except ValueError as error:
+        if config.init_images is None:
+            raise
+        raise KLDBInputError(f"`init_images` {str(config.init_images)!r} (images of {height}x{width}): {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -369,15 +520,23 @@ def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Se
 
 
 def build_settings(config: SweepConfig, labels: Sequence[str]) -> list[Setting]:
-    """The grid in a fixed order: class subset, then beta, then alpha; class names are resolved against ``labels``."""
+    """The grid in a fixed order: class subset, then beta, then alpha (with ``init_images``: then strength, then
+    source); class names are resolved against ``labels``."""
     settings = []
+    sources = source_images(config.init_images) if config.init_images is not None else []
+    strengths = list(DEFAULT_STRENGTHS) if config.strengths is None else config.strengths
     for subset in config.class_subsets:
         indices = resolve_classes(list(subset), list(labels), len(labels))
         names = tuple(labels[i] for i in indices)
         for beta in config.betas:
             for alpha in config.alphas:
-                settings.append(Setting(tuple(indices), names, AUTO if alpha == AUTO else float(alpha), float(beta)))
-    folders = [s.name for s in settings]
+                cell = Setting(tuple(indices), names, AUTO if alpha == AUTO else float(alpha), float(beta))
+                if not sources:
+                    settings.append(cell)
+                    continue
+                for strength in strengths:
+                    settings += [dataclasses.replace(cell, strength=float(strength), source=s) for s in sources]
+    folders = [s.folder for s in settings]
     if len(set(folders)) != len(folders):
         raise KLDBInputError(
             "Expected argument `class_subsets` to hold distinct class subsets (with distinct file-system names) but "
@@ -419,11 +578,31 @@ def _batches(items: Sequence[tuple[Setting, int]], size: int) -> Iterator[tuple[
 
 
 def check_resume(out_dir: Path, config: SweepConfig) -> None:
-    """Refuse to resume a run folder that was started with settings that change the images."""
+    """Refuse to resume a run folder that was started with settings that change the images, with (or without) the
+    ``init_images`` it was started without (or with), or with a source file whose bytes changed since."""
     path = out_dir / CONFIG_NAME
     if not path.is_file():
         return
-    stored = json.loads(path.read_text(encoding="utf-8")).get("fixed", {})
+    info = json.loads(path.read_text(encoding="utf-8"))
+    stored_sources = info.get(SOURCES_KEY)
+    if (stored_sources is not None) != (config.init_images is not None):
+        started = "with `init_images` (image-to-image)" if stored_sources is not None else "without `init_images`"
+        raise KLDBInputError(
+            f"Expected argument `init_images` to be {'a folder' if stored_sources is not None else 'None'}, as the run "
+            f"being resumed in {str(out_dir)!r} was started {started}, but got {_path_text(config.init_images)}. Use "
+            "another output folder."
+        )
+    if stored_sources is not None:
+        made = {line.get("source_file"): line.get("source_sha256") for line in _manifest_lines(out_dir)}
+        for name, digest in source_hashes(config).items():
+            before = stored_sources.get(name) or made.get(name)
+            if before is not None and before != digest:
+                raise KLDBInputError(
+                    f"Expected source image {name!r} in `init_images` {str(config.init_images)!r} to be the file the "
+                    f"run being resumed in {str(out_dir)!r} started from (sha256 {before}) but it changed (sha256 "
+                    f"{digest}). Restore it, or use another output folder."
+                )
+    stored = info.get("fixed", {})
     current = config.fixed()
     for name in FIXED_FIELDS:
         if name in stored and stored[name] != current[name]:
@@ -431,6 +610,16 @@ def check_resume(out_dir: Path, config: SweepConfig) -> None:
                 f"Expected argument `{name}` to be {stored[name]!r}, as in the run being resumed in {str(out_dir)!r}, "
                 f"but got {current[name]!r}. Use another output folder for different settings."
             )
+
+
+def _path_text(path: Any) -> str:
+    return repr(str(path)) if isinstance(path, os.PathLike) else repr(path)
+
+
+def _manifest_lines(out_dir: Path) -> list[dict[str, Any]]:
+    from kldb.runfolder import manifest_parts
+
+    return [line for p in [out_dir / MANIFEST_NAME, *manifest_parts(out_dir)] for line in read_jsonl(p)]
 
 
 def _prepare_pipeline(config: SweepConfig, device: torch.device | str) -> tuple[Any, Any, list[str]]:
@@ -486,14 +675,18 @@ def _generate_batch(
     labels: Sequence[str],
     device: torch.device | str,
     alpha: float,
+    source: PIL.Image.Image | None = None,
 ) -> Any:
+    """One pipeline call for ``seeds`` of ``setting``; an image-to-image setting starts from ``source`` (its image)."""
     generator_device = "cpu" if str(device).startswith("mps") else device
+    from_image = {"image": source, "strength": setting.strength} if setting.source is not None else {}
     return pipe(
         **_call_kwargs(config, setting, labels, classifier),
         num_images_per_prompt=len(seeds),
         generator=[torch.Generator(device=generator_device).manual_seed(s) for s in seeds],
         kldb_guidance_scale=alpha,
         output_type="pil",
+        **from_image,
     )
 
 
@@ -552,6 +745,7 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
         state = PartialState(cpu=True) if on_cpu else PartialState()
     device = torch.device(config.device) if config.device is not None else state.device
     check_resume(out, config)
+    hashes = source_hashes(config)  # {source file: sha256}; {} for a text-to-image run
 
     # 1. Everyone loads the pipeline; the grid is checked against it before anything is written
     pipe, classifier, labels = _prepare_pipeline(config, device)
@@ -564,11 +758,12 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         recover(out)
+        info = {"fixed": config.fixed(), "labels": list(labels), "last_config": _config_dict(config)}
+        if config.init_images is not None:  # every source ever used, with its hash (checked on resume)
+            stored = json.loads((out / CONFIG_NAME).read_text("utf-8")) if (out / CONFIG_NAME).is_file() else {}
+            info[SOURCES_KEY] = {**stored.get(SOURCES_KEY, {}), **hashes}
         with stop_on_full_disk(out / CONFIG_NAME, 0):
-            atomic_write_json(
-                out / CONFIG_NAME,
-                {"fixed": config.fixed(), "labels": list(labels), "last_config": _config_dict(config)},
-            )
+            atomic_write_json(out / CONFIG_NAME, info)
     state.wait_for_everyone()
 
     # 3. Everyone reads what is done; the main process runs the pilots of the "auto" settings with images to make;
@@ -597,14 +792,22 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
     bar = tqdm(total=len(mine), desc="sweep", unit="img", disable=not (progress and state.is_main_process))
     try:
         with ManifestWriter(part) as writer:
+            loaded: tuple[str, PIL.Image.Image] | None = None  # the last source read (settings go source by source)
             for setting, seeds in _batches(mine, config.batch_size):
                 alpha = chosen[setting] if setting.is_auto else float(setting.alpha)
+                source = None
+                if setting.source is not None:
+                    if loaded is None or loaded[0] != setting.source:
+                        loaded = (setting.source, _load_source(config, setting.source))
+                    source = loaded[1]
                 start = time.perf_counter()
-                output = _generate_batch(pipe, classifier, config, setting, seeds, labels, device, alpha)
+                output = _generate_batch(pipe, classifier, config, setting, seeds, labels, device, alpha, source)
                 seconds = time.perf_counter() - start
                 skipped += output.skipped_updates
                 for i, seed in enumerate(seeds):
                     record = _record(config, setting, seed, output, i, labels, len(seeds), decoder, alpha)
+                    if setting.source is not None:
+                        record.source_sha256 = hashes[setting.source]
                     record.process_index = state.process_index
                     record.batch_seconds = round(seconds, 4)
                     path = out / record.file
@@ -645,6 +848,8 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
 def _config_dict(config: SweepConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data["out_dir"] = str(config.out_dir)
+    if config.init_images is not None:
+        data["init_images"] = str(config.init_images)
     return data
 
 
@@ -701,7 +906,32 @@ def _record(
         accepted_steps=count(output.accepted_steps),
         step_halvings=count(output.step_halvings),
         rejected_steps=count(output.rejected_steps),
+        **(_start_fields(setting, output, i, labels) if setting.source is not None else {}),
     )
+
+
+def _start_fields(setting: Setting, output: Any, i: int, labels: Sequence[str]) -> dict[str, Any]:
+    """The image-to-image fields of image ``i`` of ``output`` (but ``source_sha256``): the source, the strength, the
+    source's own scores and the result's distance to it."""
+
+    def number(values: Any) -> float | None:
+        return finite_or_none(float(values[i])) if values is not None else None
+
+    start = output.predicted_class_start
+    return {
+        "source_file": setting.source,
+        "strength": setting.strength,
+        "kldb_start": number(output.kldb_start),
+        "class_probabilities_start": (
+            [_round(output.probabilities_start[i].double()[c]) for c in setting.classes]
+            if output.probabilities_start is not None
+            else None
+        ),
+        "predicted_class_start": int(start[i]) if start is not None else None,
+        "predicted_label_start": labels[int(start[i])] if start is not None else None,
+        "pixel_l2": number(output.pixel_l2),
+        "ssim": number(output.ssim),
+    }
 
 
 def _round(probability: torch.Tensor) -> float | None:
@@ -724,6 +954,9 @@ def _png_metadata(record: ImageRecord) -> dict[str, Any]:
     metadata["top_probabilities"] = record.top_probabilities
     metadata["predicted_label"] = record.predicted_label
     metadata["setting"] = record.setting
+    for key in ("source_file", "strength", "kldb_start"):
+        if getattr(record, key) is not None:
+            metadata[key] = getattr(record, key)
     return metadata
 
 
