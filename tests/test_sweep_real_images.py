@@ -110,6 +110,27 @@ def test_each_image_is_the_pipeline_called_on_its_file_bit_for_bit(run, pipe, al
         assert r.prompt == "three and two"
 
 
+def test_a_batch_of_seeds_is_one_call_with_a_generator_per_seed(tmp_path, pipe):
+    """With ``batch_size`` 2 the two seeds of a source are one call (one image, two rows): bit for bit that call."""
+    sources = write_sources(tmp_path / "sources", names=["a.png"])
+    cfg = config(tmp_path / "run", sources, alphas=[0.3], strengths=[0.5], batch_size=2)
+    run_sweep(cfg, progress=False)
+    records = [ImageRecord.from_json(line) for line in read_jsonl(tmp_path / "run" / "manifest.jsonl")]
+    assert [r.batch_size for r in records] == [2, 2]
+    with PIL.Image.open(sources / "a.png") as photo:
+        direct = pipe(
+            image=photo, strength=0.5, classes=["three", "two"], kldb_guidance_scale=0.3, guidance_scale=3.0,
+            num_inference_steps=4, kldb_guidance_interval=2, guidance_rescale=cfg.guidance_rescale,
+            negative_prompt=cfg.negative_prompt, num_images_per_prompt=2,
+            generator=[torch.Generator().manual_seed(s) for s in (0, 1)], kldb_step_control=cfg.kldb_step_control,
+            output_type="pil",
+        )  # fmt: skip
+    for i, r in enumerate(records):
+        with PIL.Image.open(tmp_path / "run" / r.file) as made:
+            assert np.array_equal(np.asarray(made), np.asarray(direct.images[i]))
+        assert r.kldb == float(direct.kldb[i]) and r.pixel_l2 == float(direct.pixel_l2[i])
+
+
 def test_the_source_s_own_scores_are_the_same_for_every_result_of_that_source(run):
     _, _, records = run
     for name in SOURCES:
@@ -144,6 +165,14 @@ def test_a_run_folder_is_text_to_image_or_image_to_image_not_both(tmp_path):
     with pytest.raises(ValueError, match=r"Expected argument `init_images` to be a folder, as the run being resumed"):
         run_sweep(SweepConfig(tmp_path / "run", **SMALL, seeds=[0]), progress=False)
     run_sweep(SweepConfig(tmp_path / "t2i", **SMALL, seeds=[0]), progress=False)
+    # a text-to-image run: names, keys, paths and lines as before image-to-image existed
+    lines = read_jsonl(tmp_path / "t2i" / "manifest.jsonl")
+    assert [r["file"] for r in lines] == [f"images/three+two_alpha{a}_beta3.0/seed000000.png" for a in ("0.0", "0.3")]
+    assert all(len(record_key(r)) == 4 for r in lines)
+    assert not {"source_file", "source_sha256", "strength", "kldb_start", "pixel_l2", "ssim"} & {
+        k for r in lines for k in r
+    }
+    assert "sources" not in json.loads((tmp_path / "t2i" / "sweep.json").read_text())
     with pytest.raises(ValueError, match=r"Expected argument `init_images` to be None, as the run being resumed"):
         run_sweep(config(tmp_path / "t2i", sources, alphas=[0.0], seeds=[0]), progress=False)
 
