@@ -511,7 +511,9 @@ def check_against_pipeline(config: SweepConfig, pipe: Any, settings: Sequence[Se
     except ValueError as error:
         if config.init_images is None:
             raise
-        raise KLDBInputError(f"`init_images` {str(config.init_images)!r} (images of {height}x{width}): {error}") from None
+        raise KLDBInputError(
+            f"`init_images` {str(config.init_images)!r} (images of {height}x{width}): {error}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -577,9 +579,10 @@ def _batches(items: Sequence[tuple[Setting, int]], size: int) -> Iterator[tuple[
         yield current, batch
 
 
-def check_resume(out_dir: Path, config: SweepConfig) -> None:
+def check_resume(out_dir: Path, config: SweepConfig, hashes: dict[str, str] | None = None) -> None:
     """Refuse to resume a run folder that was started with settings that change the images, with (or without) the
-    ``init_images`` it was started without (or with), or with a source file whose bytes changed since."""
+    ``init_images`` it was started without (or with), or with a source file whose bytes changed since (``hashes``:
+    :func:`source_hashes` of ``config`` if already computed)."""
     path = out_dir / CONFIG_NAME
     if not path.is_file():
         return
@@ -594,7 +597,7 @@ def check_resume(out_dir: Path, config: SweepConfig) -> None:
         )
     if stored_sources is not None:
         made = {line.get("source_file"): line.get("source_sha256") for line in _manifest_lines(out_dir)}
-        for name, digest in source_hashes(config).items():
+        for name, digest in (source_hashes(config) if hashes is None else hashes).items():
             before = stored_sources.get(name) or made.get(name)
             if before is not None and before != digest:
                 raise KLDBInputError(
@@ -744,8 +747,8 @@ def run_sweep(config: SweepConfig, progress: bool = True, state: Any = None) -> 
         on_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
         state = PartialState(cpu=True) if on_cpu else PartialState()
     device = torch.device(config.device) if config.device is not None else state.device
-    check_resume(out, config)
     hashes = source_hashes(config)  # {source file: sha256}; {} for a text-to-image run
+    check_resume(out, config, hashes)
 
     # 1. Everyone loads the pipeline; the grid is checked against it before anything is written
     pipe, classifier, labels = _prepare_pipeline(config, device)
