@@ -42,7 +42,7 @@ lint: $(STAMP)
 
 # pytest exits 5 when it collected no tests; that is a failure of the suite, reported as such.
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -n 2 --dist loadfile -q; \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -n 2 --dist loadfile -q --durations=30; \
 	status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests (exit 5): failing"; exit 1; fi; \
 	exit $$status
