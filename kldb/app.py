@@ -195,6 +195,21 @@ def app_folder() -> str:
     return root
 
 
+def remove_on_interrupt(root: str) -> None:
+    """Remove ``root`` at once on Ctrl+C (SIGINT) or SIGTERM, before Gradio's own shutdown, which may take a while
+    (or be cut short by a kill) under load; then stop as the signal would."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        if signum == signal.SIGINT:
+            signal.default_int_handler(signum, frame)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def remove_session_dir(session: Any) -> None:
     """Remove a session's folder; the ``delete_callback`` of its ``gr.State``."""
     if isinstance(session, str) and Path(session).name.startswith("kldb-app-"):
@@ -940,6 +955,7 @@ def run_app_command(args: argparse.Namespace) -> int:
         raise KLDBInputError(f"Expected argument `--port` to be a port number in [1, 65535] but got {args.port}.")
     world = load_world(args.pipeline, args.classifier, device=args.device, dtype=args.dtype, tiny=args.tiny)
     root = app_folder()
+    remove_on_interrupt(root)
     demo = build_app(world, max_queue=args.max_queue, root=root)
     print(f"Serving the KLDB app on {world.description} at http://{args.host}:{args.port} (Ctrl+C stops it).")
     print(f"Session files under {root} (removed on exit).")
