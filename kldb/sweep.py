@@ -970,7 +970,7 @@ def auto_pilots(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     seeds and seconds, and, from the manifest, the number of the setting's images, their seconds (each batch's wall
     time spread over its images) and ``cost_ratio``: (pilot + images) / images seconds, the factor the pilot adds.
     """
-    from kldb.runfolder import read_jsonl
+    from kldb.runfolder import read_manifest
 
     out = Path(run_dir)
     folder = out / AUTO_DIR
@@ -978,12 +978,10 @@ def auto_pilots(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
     seconds: dict[str, float] = {}
     images: dict[str, int] = {}
-    manifest = out / MANIFEST_NAME
-    for line in read_jsonl(manifest) if manifest.is_file() else []:
-        name = line["setting"]
-        images[name] = images.get(name, 0) + 1
-        if line.get("batch_seconds") is not None and line.get("batch_size"):
-            seconds[name] = seconds.get(name, 0.0) + float(line["batch_seconds"]) / int(line["batch_size"])
+    for record in read_manifest(out):
+        images[record.setting] = images.get(record.setting, 0) + 1
+        if record.batch_seconds is not None and record.batch_size:
+            seconds[record.setting] = seconds.get(record.setting, 0.0) + record.batch_seconds / record.batch_size
     rows = []
     for path in sorted(folder.glob("*.json")):
         pilot = json.loads(path.read_text(encoding="utf-8"))
